@@ -1,0 +1,471 @@
+"""tf.data input pipeline: sources (TFDS imagenet2012, an image folder, embedded digits) and the
+paper's augmentation (section 4.1). Host side only: yields NumPy batches of this process's slice.
+
+Every random choice is a stateless op seeded by (seed, global example index), and each epoch's
+order is a permutation seeded by (seed, epoch), so the stream is a function of the seed and the
+position: a run resumed at step s sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from alexnet_jax.errors import UsageError
+
+# TensorFlow is only the host-side input pipeline: keep it off the accelerators' memory.
+tf.config.set_visible_devices([], "GPU")
+
+DATASETS = ("digits", "imagenet2012", "imagefolder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Per-channel RGB mean (0-255) and eigen-decomposition of the RGB covariance (RGB in 0-1)."""
+
+    mean: tuple[float, float, float]
+    eigval: tuple[float, float, float]
+    eigvec: tuple[tuple[float, ...], ...]  # columns are the eigenvectors
+
+    def std(self) -> np.ndarray:
+        """Per-channel standard deviation (0-255), the diagonal of V diag(lambda) V^T."""
+        v = np.asarray(self.eigvec)
+        return 255.0 * np.sqrt((v * v) @ np.asarray(self.eigval))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stats:
+        return cls(tuple(d["mean"]), tuple(d["eigval"]), tuple(tuple(r) for r in d["eigvec"]))
+
+
+# Paper section 4.1 uses ImageNet's own statistics; these are the widely used values.
+IMAGENET_STATS = Stats(
+    mean=(123.675, 116.28, 103.53),
+    eigval=(0.2175, 0.0188, 0.0045),
+    eigvec=(
+        (-0.5675, 0.7192, 0.4009),
+        (-0.5808, -0.0045, -0.8140),
+        (-0.5836, -0.6948, 0.4203),
+    ),
+)
+
+
+@dataclasses.dataclass
+class Split:
+    """A split: `epoch(e, seed, start)` gives (raw, label) in epoch e's order from `start`."""
+
+    size: int
+    epoch: Callable[[int, int, int], tf.data.Dataset]
+    decode: Callable[[tf.Tensor], tf.Tensor]  # raw -> uint8 HxWx3
+    pad_raw: object  # a raw value of the right dtype for padding eval batches
+    describe: Callable[[int, tf.Tensor], str]  # names example (i, raw) in error messages
+
+
+@dataclasses.dataclass
+class Source:
+    name: str
+    fingerprint: str  # identifies the data, for the statistics cache
+    class_names: list[str]
+    train: Split
+    eval: Split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ----------------------------------------------------------------------------------- sources
+
+
+def _array_split(images: np.ndarray, labels: np.ndarray, shuffle: bool) -> Split:
+    """A split held in memory (random access)."""
+    images_t, labels_t = tf.constant(images), tf.constant(labels.astype(np.int32))
+
+    def epoch(e: int, seed: int, start: int) -> tf.data.Dataset:
+        order = _permutation(len(labels), seed, e) if shuffle else np.arange(len(labels))
+        ds = tf.data.Dataset.from_tensor_slices(order[start:])
+        return ds.map(lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i)))
+
+    pad = np.zeros(images.shape[1:], np.uint8)
+    return Split(len(labels), epoch, lambda x: x, pad, lambda i, raw: f"example {i}")
+
+
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+
+
+def digits_source() -> Source:
+    """scikit-learn's 1,797 real 8x8 handwritten digits (bundled, no download), grey to RGB.
+
+    The split is fixed (seeded permutation, 360 held-out images) whatever the run's seed.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    order = np.random.default_rng(20121203).permutation(len(images))
+    test, train = order[:360], order[360:]
+    names = [str(d) for d in range(10)]
+    return Source(
+        "digits",
+        "sklearn-digits-1797",
+        names,
+        _array_split(images[train], data.target[train], shuffle=True),
+        _array_split(images[test], data.target[test], shuffle=False),
+    )
+
+
+def _decode_file(path: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def _folder_split(root: Path, classes: list[str], shuffle: bool) -> Split:
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        d = root / name
+        if not d.is_dir():
+            continue
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += [str(p) for p in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise UsageError(
+            f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/. Put each class's "
+            "images in a sub-folder named after the class."
+        )
+    paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int32)
+
+    def epoch(e: int, seed: int, start: int) -> tf.data.Dataset:
+        order = _permutation(len(paths), seed, e) if shuffle else np.arange(len(paths))
+        ds = tf.data.Dataset.from_tensor_slices(order[start:])
+        return ds.map(lambda i: (tf.gather(paths_t, i), tf.gather(labels_t, i)))
+
+    return Split(len(paths), epoch, _decode_file, "", lambda i, raw: raw.numpy().decode())
+
+
+def imagefolder_source(cfg: ml_collections.ConfigDict) -> Source:
+    """`input.data_dir`/{train_split,eval_split}/<class name>/<image files>."""
+    if not cfg.data_dir:
+        raise UsageError(
+            "input.dataset='imagefolder' needs --config.input.data_dir=DIR, with DIR/"
+            f"{cfg.train_split}/<class>/*.jpg and DIR/{cfg.eval_split}/<class>/*.jpg."
+        )
+    root = Path(cfg.data_dir).expanduser()
+    train_dir, eval_dir = root / cfg.train_split, root / cfg.eval_split
+    for d in (train_dir, eval_dir):
+        if not d.is_dir():
+            raise UsageError(
+                f"Image folder {d} does not exist. input.dataset='imagefolder' reads "
+                f"{root}/{cfg.train_split}/<class>/ and {root}/{cfg.eval_split}/<class>/."
+            )
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    unknown = sorted({p.name for p in eval_dir.iterdir() if p.is_dir()} - set(classes))
+    if unknown:
+        raise UsageError(f"{eval_dir} has classes that {train_dir} lacks: {unknown[:5]}.")
+    return Source(
+        "imagefolder",
+        f"imagefolder:{root.resolve()}",
+        classes,
+        _folder_split(train_dir, classes, shuffle=True),
+        _folder_split(eval_dir, classes, shuffle=False),
+    )
+
+
+def _imagenet_not_prepared(cfg: ml_collections.ConfigDict, data_dir: str) -> UsageError:
+    manual = cfg.manual_dir or os.path.join(data_dir, "downloads", "manual")
+    return UsageError(
+        f"ImageNet (TFDS imagenet2012) is not prepared in {data_dir}. Download "
+        f"{' and '.join(IMAGENET_TARS)} from https://image-net.org (a login is needed), put "
+        f"both in {manual}, then run once:\n"
+        f"  tfds build imagenet2012 --data_dir={data_dir} --manual_dir={manual}\n"
+        "and pass the same --config.input.data_dir (and .manual_dir) to launch.py."
+    )
+
+
+def imagenet_source(cfg: ml_collections.ConfigDict) -> Source:
+    import tensorflow_datasets as tfds
+
+    data_dir = os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
+    builder = tfds.builder("imagenet2012", data_dir=data_dir)
+    if not builder.is_prepared():
+        raise _imagenet_not_prepared(cfg, data_dir)
+
+    def split(name: str, shuffle: bool) -> Split:
+        def dataset(e: int = 0, seed: int = 0) -> tf.data.Dataset:
+            read = tfds.ReadConfig(shuffle_seed=_epoch_seed(seed, e), interleave_cycle_length=16)
+            ds = builder.as_dataset(
+                name,
+                shuffle_files=shuffle,
+                read_config=read,
+                decoders={"image": tfds.decode.SkipDecoding()},
+            )
+            ds = ds.map(lambda x: (x["image"], tf.cast(x["label"], tf.int32)))
+            if shuffle:
+                ds = ds.shuffle(cfg.shuffle_buffer, seed=_epoch_seed(seed, e))
+            return ds
+
+        size = builder.info.splits[name].num_examples if name in builder.info.splits else 0
+        if not size:  # split sizes unknown (e.g. TFDS mock data): count the records once
+            size = int(dataset().reduce(np.int64(0), lambda n, _: n + 1))
+
+        def epoch(e: int, seed: int, start: int) -> tf.data.Dataset:
+            # Records before `start` are read but not decoded.
+            return dataset(e, seed).skip(start)
+
+        decode = lambda raw: tf.io.decode_jpeg(raw, channels=3)
+        return Split(size, epoch, decode, b"", lambda i, raw: f"{name} record {i}")
+
+    return Source(
+        "imagenet2012",
+        f"imagenet2012:{data_dir}",
+        imagenet_class_names(),
+        split(cfg.train_split, shuffle=True),
+        split(cfg.eval_split, shuffle=False),
+    )
+
+
+def imagenet_class_names() -> list[str]:
+    path = Path(__file__).with_name("imagenet2012_classes.txt")
+    return [line for line in path.read_text().splitlines() if not line.startswith("#")]
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch]).integers(2**31))
+
+
+def create_source(cfg: ml_collections.ConfigDict) -> Source:
+    """The source named by `cfg.dataset` (the `input` part of the config)."""
+    if cfg.dataset == "digits":
+        return digits_source()
+    if cfg.dataset == "imagenet2012":
+        return imagenet_source(cfg)
+    if cfg.dataset == "imagefolder":
+        return imagefolder_source(cfg)
+    raise UsageError(f"input.dataset={cfg.dataset!r} is unknown; use one of {DATASETS}.")
+
+
+# ---------------------------------------------------------------------------- preprocessing
+
+
+def resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Shorter side to `size`, then the central size x size square (float32, 0-255)."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = size / tf.reduce_min(shape)
+    new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+    image = tf.image.resize(tf.cast(image, tf.float32), new, antialias=True)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return tf.slice(image, [top, left, 0], [size, size, 3])
+
+
+def pca_lighting(image: tf.Tensor, stats: Stats, std: float, seed: tf.Tensor) -> tf.Tensor:
+    """Paper section 4.1: add V @ (alpha * lambda), alpha ~ N(0, std), scaled to 0-255 units."""
+    alpha = tf.random.stateless_normal([3], seed, stddev=std)
+    eigvec = tf.constant(stats.eigvec, tf.float32)
+    shift = 255.0 * tf.linalg.matvec(eigvec, alpha * tf.constant(stats.eigval, tf.float32))
+    return image + shift
+
+
+def train_preprocess(
+    image: tf.Tensor, seed: tf.Tensor, stats: Stats, cfg: ml_collections.ConfigDict
+) -> tf.Tensor:
+    crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    image = resize_square(image, cfg.resize_size)
+    image = tf.image.stateless_random_crop(image, [cfg.image_size, cfg.image_size, 3], crop_seed)
+    if cfg.random_flip:
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    if cfg.pca_lighting_std > 0:
+        image = pca_lighting(image, stats, cfg.pca_lighting_std, light_seed)
+    return normalize(image, stats, cfg)
+
+
+def normalize(image: tf.Tensor, stats: Stats, cfg: ml_collections.ConfigDict) -> tf.Tensor:
+    """Subtract the mean (the paper's 0-255 units); optionally divide by the channel std."""
+    image = image - tf.constant(stats.mean, tf.float32)
+    if cfg.divide_by_std:
+        image = image / tf.constant(np.maximum(stats.std(), 1e-3), tf.float32)
+    return image
+
+
+def ten_crops(square: tf.Tensor, size: int) -> tf.Tensor:
+    """The paper's ten patches: four corners and centre, and their mirrors: [10, size, size, 3]."""
+    full = tf.shape(square)[0]
+    far, mid = full - size, (full - size) // 2
+    offsets = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+    crops = [tf.slice(square, [t, left, 0], [size, size, 3]) for t, left in offsets]
+    crops += [tf.image.flip_left_right(c) for c in crops]
+    return tf.stack(crops)
+
+
+def eval_preprocess(image: tf.Tensor, stats: Stats, cfg: ml_collections.ConfigDict) -> tf.Tensor:
+    """Centre crop [H, W, 3], or the ten patches [10, H, W, 3] when `cfg.eval_ten_crop`."""
+    square = resize_square(image, cfg.resize_size)
+    if cfg.eval_ten_crop:
+        crops = ten_crops(square, cfg.image_size)
+    else:
+        offset = (cfg.resize_size - cfg.image_size) // 2
+        crops = tf.slice(square, [offset, offset, 0], [cfg.image_size, cfg.image_size, 3])
+    return normalize(crops, stats, cfg)
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
+    """Mean and RGB-covariance eigen-decomposition over (up to max_images of) a training split."""
+
+    def moments(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        pixels = tf.reshape(resize_square(split.decode(raw), resize_size), [-1, 3]) / 255.0
+        pixels = tf.cast(pixels, tf.float64)
+        return (
+            tf.reduce_sum(pixels, 0),
+            tf.matmul(pixels, pixels, transpose_a=True),
+            tf.shape(pixels, out_type=tf.int64)[0],
+        )
+
+    ds = split.epoch(0, 0, 0).take(max_images).map(lambda raw, _: moments(raw), AUTOTUNE)
+    total, outer, count = np.zeros(3), np.zeros((3, 3)), 0
+    for s, o, n in ds.as_numpy_iterator():
+        total, outer, count = total + s, outer + o, count + n
+    mean = total / count
+    cov = outer / count - np.outer(mean, mean)
+    eigval, eigvec = np.linalg.eigh(cov)
+    order = np.argsort(eigval)[::-1]
+    eigval, eigvec = np.clip(eigval[order], 0.0, None), eigvec[:, order]
+    return Stats(
+        tuple(float(v) for v in mean * 255.0),
+        tuple(float(v) for v in eigval),
+        tuple(tuple(float(v) for v in row) for row in eigvec),
+    )
+
+
+def get_stats(
+    source: Source, cfg: ml_collections.ConfigDict, workdir: str | None, write: bool = True
+) -> Stats:
+    """ImageNet's built-in statistics, else the training split's, cached in workdir."""
+    if source.name == "imagenet2012":
+        return IMAGENET_STATS
+    key = f"{source.fingerprint}|resize={cfg.resize_size}|max={cfg.stats_max_images}"
+    path = Path(workdir) / "input_stats.json" if workdir else None
+    if path is not None and path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return Stats.from_dict(cached)
+    stats = compute_stats(source.train, cfg.resize_size, cfg.stats_max_images)
+    if path is not None and write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, **dataclasses.asdict(stats)}, indent=1))
+        tmp.replace(path)
+    return stats
+
+
+# ----------------------------------------------------------------------------------- streams
+
+
+def _process_slice(ds: tf.data.Dataset, batch: int, index: int, count: int) -> tf.data.Dataset:
+    """Keep this process's rows of every global batch; elements are (global index, ...)."""
+    if count == 1:
+        return ds
+    local = batch // count
+    return ds.filter(lambda g, _: (g % batch) // local == index)
+
+
+def train_dataset(
+    source: Source,
+    cfg: ml_collections.ConfigDict,
+    stats: Stats,
+    *,
+    seed: int,
+    batch_size: int,
+    start_step: int,
+    num_steps: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tf.data.Dataset:
+    """This process's slice of global train batches start_step .. num_steps-1."""
+    n = source.train.size
+    first = start_step * batch_size
+    epoch0, offset = divmod(first, n)
+    last_epoch = max(epoch0, math.ceil(num_steps * batch_size / n) - 1)
+    ds = source.train.epoch(epoch0, seed, offset)
+    for e in range(epoch0 + 1, last_epoch + 1):
+        ds = ds.concatenate(source.train.epoch(e, seed, 0))
+    ds = ds.enumerate(start=first)
+    ds = _process_slice(ds, batch_size, process_index, process_count)
+
+    def prepare(g, example):
+        raw, label = example
+        example_seed = tf.stack([tf.constant(seed, tf.int64), g])
+        image = train_preprocess(source.train.decode(raw), example_seed, stats, cfg)
+        return {"images": image, "labels": label}
+
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size // process_count, drop_remainder=True)
+    return ds.take(num_steps - start_step).prefetch(AUTOTUNE)
+
+
+def eval_dataset(
+    source: Source,
+    cfg: ml_collections.ConfigDict,
+    stats: Stats,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tf.data.Dataset:
+    """Every eval example exactly once; the last global batch is padded with weight-0 rows."""
+    split = source.eval
+    real = split.epoch(0, 0, 0).map(lambda raw, label: (raw, label, 1.0))
+    pad = tf.data.Dataset.from_tensors((split.pad_raw, 0, 0.0)).repeat(batch_size - 1)
+    ds = real.concatenate(pad.map(lambda r, lab, w: (r, tf.cast(lab, tf.int32), w)))
+    ds = _process_slice(ds.enumerate(), batch_size, process_index, process_count)
+
+    def prepare(g, example):
+        raw, label, weight = example
+        image = tf.cond(
+            weight > 0, lambda: split.decode(raw), lambda: tf.zeros([1, 1, 3], tf.uint8)
+        )
+        return {"images": eval_preprocess(image, stats, cfg), "labels": label, "weights": weight}
+
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size // process_count, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def iterate(ds: tf.data.Dataset, split: Split) -> Iterator[dict[str, np.ndarray]]:
+    """NumPy batches; an undecodable image stops the run with its name instead of a TF trace."""
+    it = ds.as_numpy_iterator()
+    while True:
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as e:
+            bad = find_undecodable(split)
+            where = f": {bad}" if bad else ""
+            raise UsageError(
+                f"An input image could not be decoded{where}. Remove or re-encode it (JPEG, PNG, "
+                f"BMP or GIF) and run the same command again; training resumes from the newest "
+                f"checkpoint.\nTensorFlow said: {e.message.splitlines()[0]}"
+            ) from None
+
+
+def find_undecodable(split: Split, limit: int = 200_000) -> str | None:
+    """The first example of `split` (in epoch 0's order) that fails to decode, if any."""
+    for i, (raw, _) in enumerate(split.epoch(0, 0, 0).take(limit)):
+        try:
+            split.decode(raw)
+        except tf.errors.InvalidArgumentError:
+            return split.describe(i, raw)
+    return None

@@ -1,0 +1,287 @@
+"""AlexNet (Krizhevsky, Sutskever, Hinton 2012) and the "one weird trick" variant, in Flax linen.
+
+The module computes the towers it is given. On one device it holds every tower; under
+`jax.shard_map` (see parallel.py) it is built with `tower_axis` naming the mesh axis the towers are
+split over and `tower_shards` its size, and then declares and computes only its own slice of each
+layer, gathering over `tower_axis` exactly where the paper's GPUs talked: at conv3, fc6, fc7, fc8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alexnet_jax.errors import UsageError
+
+# LRN hyper-parameters of paper section 3.3 (alpha is not divided by n).
+LRN_K, LRN_N, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    name: str
+    features: int  # paper width, all towers together
+    kernel: int
+    stride: int
+    padding: int
+    grouped: bool  # True: sees only its own tower's input channels
+    lrn: bool
+    pool: bool
+
+
+PAPER_CONVS = (
+    ConvSpec("conv1", 96, 11, 4, 0, False, True, True),
+    ConvSpec("conv2", 256, 5, 1, 2, True, True, True),
+    ConvSpec("conv3", 384, 3, 1, 1, False, False, False),
+    ConvSpec("conv4", 384, 3, 1, 1, True, False, False),
+    ConvSpec("conv5", 256, 3, 1, 1, True, False, True),
+)
+# Krizhevsky 2014 / torchvision: no LRN, one tower, conv1 padded by 2 for 224 inputs.
+OWT_CONVS = (
+    ConvSpec("conv1", 64, 11, 4, 2, False, False, True),
+    ConvSpec("conv2", 192, 5, 1, 2, False, False, True),
+    ConvSpec("conv3", 384, 3, 1, 1, False, False, False),
+    ConvSpec("conv4", 256, 3, 1, 1, False, False, False),
+    ConvSpec("conv5", 256, 3, 1, 1, False, False, True),
+)
+FC_FEATURES = 4096
+VARIANTS = ("paper", "owt")
+
+
+def variant_convs(variant: str) -> tuple[ConvSpec, ...]:
+    if variant not in VARIANTS:
+        raise UsageError(f"model.variant={variant!r} is unknown; use one of {VARIANTS}.")
+    return PAPER_CONVS if variant == "paper" else OWT_CONVS
+
+
+def per_tower(features: int, width: float, towers: int) -> int:
+    """Channels of one tower: the paper's count scaled by `width`, rounded to an even number."""
+    return max(2, 2 * round(features * width / towers / 2))
+
+
+def lrn_band(channels: int, towers: int, n: int = LRN_N) -> np.ndarray:
+    """0/1 matrix summing the n adjacent channels of the same tower: the LRN sum as one matmul."""
+    i = np.arange(channels)
+    tower = i // (channels // towers)
+    near = np.abs(i[:, None] - i[None, :]) <= n // 2
+    return (near & (tower[:, None] == tower[None, :])).astype(np.float32)
+
+
+def local_response_norm(x: jax.Array, towers: int) -> jax.Array:
+    """b = a / (k + alpha * sum_{adjacent channels of the same tower} a^2)^beta, in float32."""
+    x = x.astype(jnp.float32)
+    band = jnp.asarray(lrn_band(x.shape[-1], towers))
+    denom = LRN_K + LRN_ALPHA * jnp.einsum("...c,cd->...d", x * x, band)
+    return x * denom ** (-LRN_BETA)
+
+
+def _pool_out(size: int, overlap: bool) -> int:
+    window = 3 if overlap else 2
+    return (size - window) // 2 + 1
+
+
+def feature_shapes(
+    variant: str = "paper",
+    image_size: int = 227,
+    width: float = 1.0,
+    towers: int = 2,
+    overlap_pool: bool = True,
+) -> list[tuple[str, tuple[int, int, int]]]:
+    """Analytic (name, (H, W, C)) of every conv and pool output, without tracing the model."""
+    shapes, size = [], image_size
+    for spec in variant_convs(variant):
+        size = (size + 2 * spec.padding - spec.kernel) // spec.stride + 1
+        channels = per_tower(spec.features, width, towers) * towers
+        shapes.append((spec.name, (size, size, channels)))
+        if spec.pool:
+            size = _pool_out(size, overlap_pool)
+            shapes.append((f"{spec.name}_pool", (size, size, channels)))
+    return shapes
+
+
+def min_image_size(variant: str = "paper", overlap_pool: bool = True) -> int:
+    size = 1
+    while feature_shapes(variant, size, 1.0, 1, overlap_pool)[-1][1][0] < 1:
+        size += 1
+    return size
+
+
+def _kernel_init(init: str) -> Any:
+    if init == "paper":
+        return nn.initializers.normal(stddev=0.01)
+    if init == "he":
+        return nn.initializers.he_normal()
+    raise UsageError(f"model.weight_init={init!r} is unknown; use 'paper' or 'he'.")
+
+
+class _Weights(nn.Module):
+    """One layer's {'kernel', 'bias'}; the layer's computation stays in AlexNet."""
+
+    shape: tuple[int, ...]
+    weight_init: str
+    bias_value: float
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", _kernel_init(self.weight_init), self.shape, jnp.float32)
+        bias_init = nn.initializers.constant(
+            self.bias_value if self.weight_init == "paper" else 0.0
+        )
+        return kernel, self.param("bias", bias_init, (self.shape[-1],), jnp.float32)
+
+
+class AlexNet(nn.Module):
+    """AlexNet on float NHWC inputs that are already normalised; returns float32 logits.
+
+    Parameter layout (whatever the mesh): conv kernels HWIO, grouped convs in the layout of
+    `nn.Conv(feature_group_count=towers)`, output channels [0:C/towers] belong to tower 0.
+    """
+
+    variant: str = "paper"  # 'paper' (2012) or 'owt' (Krizhevsky 2014, torchvision)
+    num_classes: int = 1000
+    towers: int | None = None  # None: 2 for 'paper', 1 for 'owt'
+    width: float = 1.0  # channel multiplier
+    activation: str = "relu"  # 'relu' or 'tanh' (the paper's figure 1 ablation)
+    lrn: bool | None = None  # None: on for 'paper', off for 'owt'
+    overlap_pool: bool = True  # 3x3 stride 2 windows (the paper) or 2x2 stride 2
+    dropout_rate: float = 0.5
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    weight_init: str = "paper"  # 'paper': N(0, 0.01) and biases of 1; 'he': He-normal, zero biases
+    tower_axis: str | None = None  # mesh axis the towers are split over (set by parallel.py)
+    tower_shards: int = 1  # size of tower_axis
+
+    @property
+    def num_towers(self) -> int:
+        return self.towers if self.towers is not None else (2 if self.variant == "paper" else 1)
+
+    @property
+    def use_lrn(self) -> bool:
+        return self.lrn if self.lrn is not None else self.variant == "paper"
+
+    @property
+    def fc8_shards(self) -> int:
+        """fc8 is split over the tower axis when the classes divide evenly, else replicated."""
+        return self.tower_shards if self.num_classes % self.tower_shards == 0 else 1
+
+    def fc_features(self) -> int:
+        return per_tower(FC_FEATURES, self.width, self.num_towers) * self.num_towers
+
+    def dropout_features(self, image_size: int) -> tuple[int, int]:
+        """Global feature sizes of the two dropout masks (paper: fc6, fc7 outputs; owt: inputs)."""
+        if self.variant == "paper":
+            return (self.fc_features(), self.fc_features())
+        h, w, c = feature_shapes(
+            self.variant, image_size, self.width, self.num_towers, self.overlap_pool
+        )[-1][1]
+        return (h * w * c, self.fc_features())
+
+    def _gather(self, x: jax.Array) -> jax.Array:
+        """The paper's cross-GPU connection: every tower's channels, tower 0 first."""
+        if self.tower_axis is None or self.tower_shards == 1:
+            return x
+        return jax.lax.all_gather(x, self.tower_axis, axis=x.ndim - 1, tiled=True)
+
+    def _param(self, name: str, shape: Sequence[int], bias_value: float) -> tuple[Any, Any]:
+        return _Weights(tuple(shape), self.weight_init, bias_value, name=name)()
+
+    def _act(self, x: jax.Array) -> jax.Array:
+        if self.activation == "relu":
+            return nn.relu(x)
+        if self.activation == "tanh":
+            return jnp.tanh(x)
+        raise UsageError(f"model.activation={self.activation!r} is unknown; use 'relu' or 'tanh'.")
+
+    def _conv(self, spec: ConvSpec, x: jax.Array, bias_value: float) -> jax.Array:
+        towers = self.num_towers
+        local_towers = towers // self.tower_shards
+        out_local = per_tower(spec.features, self.width, towers) * local_towers
+        groups = local_towers if spec.grouped else 1
+        in_channels = x.shape[-1] // groups
+        kernel, bias = self._param(
+            spec.name, (spec.kernel, spec.kernel, in_channels, out_local), bias_value
+        )
+        pad = [(spec.padding, spec.padding)] * 2
+        # Each tower is a dense conv on its own channels: XLA runs that far better than
+        # feature_group_count, whose backward pass is several times slower on CPU.
+        outs = [
+            jax.lax.conv_general_dilated(
+                xg.astype(self.dtype),
+                kg.astype(self.dtype),
+                (spec.stride, spec.stride),
+                pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            for xg, kg in zip(
+                jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1), strict=True
+            )
+        ]
+        y = outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
+        return y + bias.astype(self.dtype)
+
+    def _dense(self, name: str, x: jax.Array, features: int, bias_value: float) -> jax.Array:
+        kernel, bias = self._param(name, (x.shape[-1], features), bias_value)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+    def _dropout(self, x: jax.Array, mask: jax.Array | None, train: bool) -> jax.Array:
+        if not train or self.dropout_rate == 0.0:
+            return x
+        keep = 1.0 - self.dropout_rate
+        if mask is None:
+            if self.tower_shards != 1:
+                raise ValueError("Sharded towers need dropout masks drawn for the global batch.")
+            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+        return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool = False,
+        dropout_masks: tuple[jax.Array, jax.Array] | None = None,
+    ) -> jax.Array:
+        masks = dropout_masks if dropout_masks is not None else (None, None)
+        towers, local_towers = self.num_towers, self.num_towers // self.tower_shards
+        window = (3, 3) if self.overlap_pool else (2, 2)
+        paper_bias = {"conv2": 1.0, "conv4": 1.0, "conv5": 1.0}
+        for spec in variant_convs(self.variant):
+            if spec.name == "conv3":
+                x = self._gather(x)
+            x = self._act(self._conv(spec, x, paper_bias.get(spec.name, 0.0)))
+            if spec.lrn and self.use_lrn:
+                x = local_response_norm(x, local_towers).astype(self.dtype)
+            if spec.pool:
+                x = nn.max_pool(x, window, strides=(2, 2), padding="VALID")
+
+        fc_local = per_tower(FC_FEATURES, self.width, towers) * local_towers
+        x = self._gather(x).reshape(x.shape[0], -1)  # H, W, C order
+        if self.variant == "owt":  # torchvision's order: dropout before fc6 and fc7
+            x = self._dropout(x, masks[0], train)
+            x = self._act(self._dense("fc6", x, fc_local, 0.0))
+            x = self._dropout(x, masks[1], train)
+            x = self._act(self._dense("fc7", self._gather(x), fc_local, 0.0))
+        else:  # the paper's: dropout zeroes the outputs of fc6 and fc7 (section 4.2)
+            x = self._dropout(self._act(self._dense("fc6", x, fc_local, 1.0)), masks[0], train)
+            x = self._dropout(
+                self._act(self._dense("fc7", self._gather(x), fc_local, 1.0)), masks[1], train
+            )
+        x = self._dense("fc8", self._gather(x), self.num_classes // self.fc8_shards, 0.0)
+        return x.astype(jnp.float32)
+
+
+def param_count(params: Any) -> int:
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+
+
+def init_params(model: AlexNet, image_size: int, seed: int | jax.Array = 0) -> dict:
+    """Parameters of `model` for square inputs of `image_size` (a nested dict, see DESIGN.md)."""
+    key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return model.init(key, x, train=False)["params"]

@@ -1,0 +1,67 @@
+"""The paper: AlexNet on ImageNet 2012, trained as Krizhevsky, Sutskever and Hinton (2012) did.
+
+    python launch.py --config=configs/alexnet.py --workdir=/tmp/alexnet \
+        --config.input.data_dir=~/tensorflow_datasets --config.mesh.model=2
+
+The paper reports 37.5% top-1 / 17.0% top-5 error on the validation set for one model
+(40.7% / 18.2% with the single-crop eval, section 6); expect about 90 epochs.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # parameters, dropout and the input order all derive from it
+    config.batch_size = 128  # global, over all devices and processes (section 5)
+    config.num_epochs = 90  # "roughly 90 cycles through the training set"
+    config.num_train_steps = -1  # -1: num_epochs * train examples // batch_size
+    config.log_every_steps = 100  # console line, metrics.jsonl, TensorBoard
+    config.eval_every_steps = 10_000  # about one epoch at batch 128 (1,281,167 images)
+    config.checkpoint_every_steps = 5_000
+    config.keep_checkpoints = 3  # newest checkpoints kept in workdir/checkpoints
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # data-parallel axis; -1: the devices left after `model`
+    config.mesh.model = 1  # 1: each device holds both towers; 2: one tower per device (the paper)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.variant = "paper"  # 'paper' (2012) or 'owt' (Krizhevsky 2014, torchvision)
+    config.model.num_classes = 1000
+    config.model.towers = 2  # the paper's two GPU towers; 1 = the ungrouped model
+    config.model.width = 1.0  # channel multiplier (channels per tower rounded to even)
+    config.model.activation = "relu"  # 'relu' or 'tanh' (figure 1's comparison)
+    config.model.lrn = True  # local response normalisation after conv1 and conv2 (section 3.3)
+    config.model.overlap_pool = True  # 3x3 stride 2 pooling (section 3.4); False: 2x2 stride 2
+    config.model.dropout_rate = 0.5  # on the outputs of fc6 and fc7 (section 4.2)
+    config.model.dtype = "float32"  # compute dtype, 'float32' or 'bfloat16'; params stay float32
+    config.model.weight_init = "paper"  # N(0, 0.01), biases 1 in conv2,4,5, fc6,7; or 'he'
+
+    config.input = ml_collections.ConfigDict()
+    config.input.dataset = "imagenet2012"  # 'imagenet2012' (TFDS), 'imagefolder' or 'digits'
+    config.input.data_dir = config_dict.placeholder(str)  # TFDS data_dir / image folder root
+    config.input.manual_dir = config_dict.placeholder(str)  # where the ImageNet tars are
+    config.input.train_split = "train"
+    config.input.eval_split = "validation"
+    config.input.image_size = 227  # random crop side (the paper says 224; 227 fits conv1)
+    config.input.resize_size = 256  # shorter side, then the central square (section 2)
+    config.input.random_flip = True  # horizontal reflections (section 4.1)
+    config.input.pca_lighting_std = 0.1  # std of the PCA colour shift (section 4.1); 0: off
+    config.input.divide_by_std = False  # False: mean-subtracted 0-255 RGB, as the paper fed it
+    config.input.eval_ten_crop = False  # True: the paper's ten patches, softmax averaged
+    config.input.shuffle_buffer = 16_384  # TFDS sources: examples in the shuffle buffer
+    config.input.stats_max_images = 10_000  # images used for mean/PCA of non-ImageNet data
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 0.01  # section 5
+    config.optimizer.momentum = 0.9
+    config.optimizer.weight_decay = 5e-4
+    config.optimizer.decay_biases = False  # weight decay on kernels only (Caffe's reference)
+    config.optimizer.schedule = "plateau"  # 'plateau', 'step' or 'constant'
+    config.optimizer.plateau_factor = 0.1  # divide by 10 when validation error stalls
+    config.optimizer.plateau_patience = 2  # evaluations without improvement before a cut
+    config.optimizer.plateau_min_scale = 1e-3  # the paper's three cuts: 0.01 -> 1e-5
+    config.optimizer.step_every_steps = 250_000  # 'step': multiply by step_factor this often
+    config.optimizer.step_factor = 0.1
+    return config

@@ -1,0 +1,33 @@
+"""The embedded demo: AlexNet on scikit-learn's 1,797 real handwritten digits, on any machine.
+
+    python launch.py --config=configs/digits.py --workdir=/tmp/alexnet_digits
+
+The paper's structure (5 conv, 3 FC, two towers, LRN, overlapping pooling, dropout) at half
+width on 99x99 inputs (the 8x8 digits upsampled). Expected: held-out top-1 error of a few
+percent or less after 250 steps; README.md has the measured time and error.
+"""
+
+import ml_collections
+
+from configs import alexnet
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = alexnet.get_config()
+    config.batch_size = 64
+    config.num_train_steps = 250  # ~11 epochs of the 1,437 training digits
+    config.log_every_steps = 25
+    config.eval_every_steps = 125
+    config.checkpoint_every_steps = 125
+    config.model.num_classes = 10
+    config.model.width = 0.5  # 48-128-192-192-128 convs, 2048-wide fc layers
+    # The paper's N(0, 0.01) init kept the loss flat at 2.30 for 400 steps on this data;
+    # He-normal weights with zero biases train the same architecture within the budget.
+    config.model.weight_init = "he"
+    config.input.divide_by_std = True  # He init expects unit-variance inputs, not 0-255 units
+    config.input.dataset = "digits"
+    config.input.image_size = 99  # 67 is the smallest the architecture takes
+    config.input.resize_size = 112  # random 99x99 crops of the 112x112 upsampled digit
+    config.input.random_flip = False  # a mirrored digit is another symbol
+    config.optimizer.schedule = "constant"
+    return config

@@ -1,0 +1,19 @@
+"""'One weird trick' AlexNet (Krizhevsky 2014; torchvision's alexnet) on ImageNet 2012.
+
+    python launch.py --config=configs/owt.py --workdir=/tmp/owt --config.input.data_dir=...
+
+64-192-384-256-256 convs, no LRN, one tower, 224x224 crops: 61,100,840 parameters.
+"""
+
+import ml_collections
+
+from configs import alexnet
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = alexnet.get_config()
+    config.model.variant = "owt"
+    config.model.towers = 1  # no grouped convolutions
+    config.model.lrn = False
+    config.input.image_size = 224  # conv1 is padded by 2, so 224 gives 55x55
+    return config
