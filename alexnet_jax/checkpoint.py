@@ -42,7 +42,13 @@ def describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> list
     return lines
 
 
-ITEMS = ("state", "config", "data")
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    """Named handlers, so a fresh manager can read metadata before any restore."""
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+    }
 
 
 class Checkpointer:
@@ -52,7 +58,9 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3):
         self.directory = Path(workdir).expanduser().resolve() / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=_handlers()
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -64,6 +72,8 @@ class Checkpointer:
             return
         saved = flat_shapes(self.manager.item_metadata(step)["state"].tree)
         lines = describe_mismatch(saved, flat_shapes(abstract_state))
+        params = [line for line in lines if line.startswith("  params/")]
+        lines = params or lines  # optimizer slots mirror the parameters: name those
         if lines:
             raise UsageError(
                 f"The checkpoint at step {step} in {self.directory} does not fit this run's "
@@ -122,7 +132,8 @@ def load_checkpoint(
             f"No checkpoints in {directory}: train first with "
             f"`python launch.py --config=... --workdir={workdir}`."
         )
-    manager = ocp.CheckpointManager(directory, item_names=ITEMS)
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory} holds no finished checkpoint.")

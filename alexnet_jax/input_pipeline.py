@@ -199,14 +199,12 @@ def imagenet_source(cfg: ml_collections.ConfigDict) -> Source:
 
     data_dir = os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
     builder = tfds.builder("imagenet2012", data_dir=data_dir)
-    if not builder.is_prepared():
-        raise _imagenet_not_prepared(cfg, data_dir)
 
     def split(name: str, shuffle: bool) -> Split:
         def dataset(e: int = 0, seed: int = 0) -> tf.data.Dataset:
             read = tfds.ReadConfig(shuffle_seed=_epoch_seed(seed, e), interleave_cycle_length=16)
             ds = builder.as_dataset(
-                name,
+                split=name,
                 shuffle_files=shuffle,
                 read_config=read,
                 decoders={"image": tfds.decode.SkipDecoding()},
@@ -216,6 +214,10 @@ def imagenet_source(cfg: ml_collections.ConfigDict) -> Source:
                 ds = ds.shuffle(cfg.shuffle_buffer, seed=_epoch_seed(seed, e))
             return ds
 
+        try:
+            dataset()  # builds the reader only: fails at once when nothing was prepared
+        except AssertionError as e:  # TFDS: "could not find data in ..."
+            raise _imagenet_not_prepared(cfg, data_dir) from e
         size = builder.info.splits[name].num_examples if name in builder.info.splits else 0
         if not size:  # split sizes unknown (e.g. TFDS mock data): count the records once
             size = int(dataset().reduce(np.int64(0), lambda n, _: n + 1))
@@ -294,7 +296,7 @@ def normalize(image: tf.Tensor, stats: Stats, cfg: ml_collections.ConfigDict) ->
     """Subtract the mean (the paper's 0-255 units); optionally divide by the channel std."""
     image = image - tf.constant(stats.mean, tf.float32)
     if cfg.divide_by_std:
-        image = image / tf.constant(np.maximum(stats.std(), 1e-3), tf.float32)
+        image = image / tf.constant(np.maximum(stats.std(), 1.0), tf.float32)
     return image
 
 
@@ -375,11 +377,14 @@ def get_stats(
 
 
 def _process_slice(ds: tf.data.Dataset, batch: int, index: int, count: int) -> tf.data.Dataset:
-    """Keep this process's rows of every global batch; elements are (global index, ...)."""
-    if count == 1:
-        return ds
+    """This process's rows of every whole global batch (before decoding, so each process
+    decodes only its own share and every process sees the same number of batches)."""
     local = batch // count
-    return ds.filter(lambda g, _: (g % batch) // local == index)
+    ds = ds.batch(batch, drop_remainder=True)
+    ds = ds.map(
+        lambda *x: tf.nest.map_structure(lambda t: t[index * local : (index + 1) * local], x)
+    )
+    return ds.unbatch()
 
 
 def train_dataset(

@@ -223,12 +223,12 @@ class AlexNet(nn.Module):
             )
         ]
         y = outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
-        return y + bias.astype(self.dtype)
+        return y + bias.astype(self.dtype)[None, None, None, :]
 
     def _dense(self, name: str, x: jax.Array, features: int, bias_value: float) -> jax.Array:
         kernel, bias = self._param(name, (x.shape[-1], features), bias_value)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-        return y + bias.astype(self.dtype)
+        return y + bias.astype(self.dtype)[None, :]
 
     def _dropout(self, x: jax.Array, mask: jax.Array | None, train: bool) -> jax.Array:
         if not train or self.dropout_rate == 0.0:
@@ -257,8 +257,10 @@ class AlexNet(nn.Module):
             x = self._act(self._conv(spec, x, paper_bias.get(spec.name, 0.0)))
             if spec.lrn and self.use_lrn:
                 x = local_response_norm(x, local_towers).astype(self.dtype)
+            self.sow("intermediates", f"{spec.name}_map", x)  # feature maps, for inspection
             if spec.pool:
                 x = nn.max_pool(x, window, strides=(2, 2), padding="VALID")
+                self.sow("intermediates", f"{spec.name}_pool", x)
 
         fc_local = per_tower(FC_FEATURES, self.width, towers) * local_towers
         x = self._gather(x).reshape(x.shape[0], -1)  # H, W, C order

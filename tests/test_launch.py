@@ -1,0 +1,124 @@
+"""End to end through launch.py: errors, interruption and resumption, the demo, the notebook."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import CACHE, REPO
+
+from alexnet_jax import load_checkpoint, train
+
+TINY = [
+    "--config.batch_size=16",
+    "--config.model.width=0.125",
+    "--config.input.image_size=67",
+    "--config.input.resize_size=72",
+]
+
+
+def launch(workdir, *overrides, config="configs/digits.py", devices=1, wait=True):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [
+        sys.executable,
+        str(REPO / "launch.py"),
+        f"--config={REPO / config}",
+        f"--workdir={workdir}",
+        f"--compilation_cache_dir={CACHE}",
+        *overrides,
+    ]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+    r = launch(tmp_path, "--config.optimizer.learnin_rate=0.1")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "launch.py: error: unknown config key 'optimizer.learnin_rate' in "
+        f"{REPO / 'configs/digits.py'}; did you mean 'optimizer.learning_rate'?"
+    )
+
+
+def test_imagenet_not_prepared_is_a_clear_error(tmp_path):
+    r = launch(
+        tmp_path / "w", f"--config.input.data_dir={tmp_path / 'tfds'}", config="configs/alexnet.py"
+    )
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in r.stderr
+    assert "tfds build imagenet2012" in r.stderr
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    args = [
+        *TINY,
+        "--config.num_train_steps=40",
+        "--config.checkpoint_every_steps=5",
+        "--config.log_every_steps=5",
+        "--config.eval_every_steps=20",
+    ]
+    broken, whole = tmp_path / "broken", tmp_path / "whole"
+    proc = launch(broken, *args, wait=False)
+    deadline = time.time() + 300
+    while not (broken / "checkpoints" / "5").exists():  # the first finished checkpoint
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = [m["step"] for m in metrics(broken) if "train/loss" in m]
+    assert steps and steps[-1] < 40  # killed mid-run
+
+    r = launch(broken, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from the checkpoint at step" in r.stderr
+    assert launch(whole, *args).returncode == 0
+
+    a, b = load_checkpoint(str(broken)), load_checkpoint(str(whole))
+    assert a.step == b.step == 40
+    # The resumed run saw exactly the batches and dropout masks of the uninterrupted one.
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    assert metrics(broken)[-1] == metrics(whole)[-1]
+
+
+def test_notebook_restores_a_run(tmp_path):
+    import nbformat
+    from conftest import tiny_config
+    from nbclient import NotebookClient
+
+    train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path))
+    nb = nbformat.read(REPO / "notebooks/restore_checkpoint.ipynb", as_version=4)
+    os.environ["ALEXNET_WORKDIR"] = str(tmp_path)
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        ).execute()
+    finally:
+        del os.environ["ALEXNET_WORKDIR"]
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "step 4," in text
+    assert "top-5:" in text
+    assert "held-out top-1 accuracy:" in text and "(360 digits)" in text
+
+
+@pytest.mark.slow
+def test_the_demo_reaches_the_accuracy_bar(tmp_path):
+    """The README's demo command, unchanged: held-out top-1 error at most 5%."""
+    start = time.time()
+    r = launch(tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = [m for m in metrics(tmp_path) if "eval/top1_error" in m][-1]
+    print(f"demo: {time.time() - start:.0f} s, held-out top-1 error {final['eval/top1_error']}")
+    assert final["step"] == 250 and final["eval/count"] == 360
+    assert final["eval/top1_error"] <= 0.05

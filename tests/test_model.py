@@ -1,0 +1,196 @@
+"""AlexNet: parameter counts, feature maps, LRN, tower convs, init, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax.model import (
+    LRN_ALPHA,
+    LRN_BETA,
+    LRN_K,
+    AlexNet,
+    feature_shapes,
+    init_params,
+    local_response_norm,
+    min_image_size,
+    param_count,
+)
+
+PAPER_MAPS = {
+    "conv1": (55, 55, 96),
+    "conv1_pool": (27, 27, 96),
+    "conv2": (27, 27, 256),
+    "conv2_pool": (13, 13, 256),
+    "conv3": (13, 13, 384),
+    "conv4": (13, 13, 384),
+    "conv5": (13, 13, 256),
+    "conv5_pool": (6, 6, 256),
+}
+
+
+@pytest.mark.parametrize(
+    "kwargs, image_size, expected",
+    [
+        ({}, 227, 60_965_224),  # the paper's two-tower model
+        ({"variant": "owt"}, 224, 61_100_840),  # torchvision's alexnet
+        ({"towers": 1}, 227, 62_378_344),  # ungrouped paper widths: the "62.3 million"
+    ],
+)
+def test_parameter_counts(kwargs, image_size, expected):
+    shapes = jax.eval_shape(lambda: init_params(AlexNet(**kwargs), image_size))
+    assert param_count(shapes) == expected
+
+
+def test_parameter_tree_layout():
+    p = jax.eval_shape(lambda: init_params(AlexNet(), 227))
+    assert list(p) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+    assert all(set(layer) == {"kernel", "bias"} for layer in p.values())
+    assert p["conv2"]["kernel"].shape == (5, 5, 48, 256)
+    assert p["conv4"]["kernel"].shape == (3, 3, 192, 384)
+    assert p["conv5"]["kernel"].shape == (3, 3, 192, 256)
+    assert p["conv3"]["kernel"].shape == (3, 3, 256, 384)
+    assert p["fc6"]["kernel"].shape == (9216, 4096)
+
+
+def test_feature_maps_of_the_traced_model():
+    model = AlexNet()
+    x = jax.ShapeDtypeStruct((2, 227, 227, 3), jnp.float32)
+
+    def run(x):
+        params = init_params(model, 227)
+        return model.apply({"params": params}, x, mutable="intermediates")
+
+    logits, state = jax.eval_shape(run, x)
+    maps = {k.removesuffix("_map"): v[0].shape[1:] for k, v in state["intermediates"].items()}
+    assert maps == PAPER_MAPS
+    assert logits.shape == (2, 1000)
+    assert dict(feature_shapes()) == PAPER_MAPS
+
+
+def test_smallest_input():
+    assert min_image_size("paper") == 67
+    assert feature_shapes(image_size=67)[-1][1][:2] == (1, 1)
+    assert feature_shapes(image_size=66)[-1][1][0] < 1
+
+
+def test_plain_pooling_keeps_the_paper_shapes():
+    # Section 3.4 compares s=2, z=3 with s=2, z=2 "which produces output of equivalent dimensions".
+    assert dict(feature_shapes(overlap_pool=False)) == PAPER_MAPS
+
+
+def test_width_rounds_each_tower_to_even_channels():
+    shapes = dict(feature_shapes(width=0.3))
+    assert shapes["conv1"][2] == 2 * 14  # 96 * 0.3 / 2 = 14.4 -> 14 per tower
+    assert all(c % 4 == 0 for _, (_, _, c) in feature_shapes(width=0.3))
+
+
+def _lrn_reference(a: np.ndarray, towers: int) -> np.ndarray:
+    """Paper section 3.3, literally, with the sum over adjacent channels of the same tower."""
+    c = a.shape[-1]
+    per = c // towers
+    out = np.empty_like(a)
+    for i in range(c):
+        t = i // per
+        lo, hi = max(t * per, i - 2), min((t + 1) * per - 1, i + 2)
+        s = sum(a[..., j] ** 2 for j in range(lo, hi + 1))
+        out[..., i] = a[..., i] / (LRN_K + LRN_ALPHA * s) ** LRN_BETA
+    return out
+
+
+@pytest.mark.parametrize("towers", [1, 2])
+def test_lrn_matches_the_papers_formula(towers):
+    a = np.random.default_rng(0).normal(0, 30, (2, 3, 3, 16)).astype(np.float32)
+    got = np.asarray(local_response_norm(jnp.asarray(a), towers))
+    want = _lrn_reference(a.astype(np.float64), towers)
+    assert np.abs(got - a).max() > 1.0  # the normalisation does something at this scale
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_lrn_does_not_mix_towers():
+    a = np.zeros((1, 1, 1, 8), np.float32)
+    a[..., 4] = 100.0  # first channel of tower 1
+    b = np.asarray(local_response_norm(jnp.asarray(a + 1.0), towers=2))
+    c = np.asarray(local_response_norm(jnp.asarray(np.ones_like(a)), towers=2))
+    np.testing.assert_array_equal(b[..., :4], c[..., :4])  # tower 0 unaffected
+    assert b[..., 5] < c[..., 5]  # its own neighbour is
+
+
+def test_tower_convs_equal_a_grouped_convolution():
+    model = AlexNet(num_classes=10, width=0.25, dropout_rate=0.0)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 67, 67, 3))
+    params = init_params(model, 67, seed=2)
+    _, state = model.apply({"params": params}, x, mutable="intermediates")
+    inter = {k.removesuffix("_map"): v[0] for k, v in state["intermediates"].items()}
+
+    def grouped(name, inp):
+        y = jax.lax.conv_general_dilated(
+            inp,
+            params[name]["kernel"],
+            (1, 1),
+            [(1, 1)] * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=2,
+            precision="highest",
+        )
+        return jax.nn.relu(y + params[name]["bias"][None, None, None, :])
+
+    # conv4 and conv5 see only their own tower: a feature_group_count=2 conv with the same kernel.
+    for name, prev in (("conv4", "conv3"), ("conv5", "conv4")):
+        want = grouped(name, inter[prev])
+        a = inter[prev]
+        swapped = jnp.concatenate(jnp.split(a, 2, -1)[::-1], -1)
+        assert not np.allclose(grouped(name, swapped), want)  # the grouping matters
+        np.testing.assert_allclose(inter[name], want, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_init():
+    params = init_params(AlexNet(num_classes=10, width=0.25), 67, seed=0)
+    for name in ("conv1", "conv3", "fc8"):
+        assert np.all(params[name]["bias"] == 0.0)
+    for name in ("conv2", "conv4", "conv5", "fc6", "fc7"):
+        assert np.all(params[name]["bias"] == 1.0)
+    k = np.asarray(params["fc6"]["kernel"])
+    assert abs(k.std() - 0.01) < 5e-4 and abs(k.mean()) < 5e-4
+
+
+def test_he_init():
+    params = init_params(AlexNet(num_classes=10, width=0.25, weight_init="he"), 67, seed=0)
+    assert all(np.all(layer["bias"] == 0.0) for layer in params.values())
+    k = np.asarray(params["conv3"]["kernel"])  # fan_in = 3 * 3 * 24 channels
+    assert abs(k.std() - np.sqrt(2.0 / (9 * k.shape[2]))) < 0.1 * np.sqrt(2.0 / (9 * k.shape[2]))
+
+
+def test_dropout_sits_after_fc6_and_fc7_in_the_paper_and_before_in_owt():
+    for variant, towers, expected in (("paper", 2, (64, 64)), ("owt", 1, (16, 64))):
+        model = AlexNet(variant=variant, towers=towers, num_classes=10, width=1 / 64)
+        assert model.dropout_features(67 if variant == "paper" else 95) == expected
+    model = AlexNet(num_classes=10, width=1 / 64, weight_init="he")  # inputs matter
+    params = init_params(model, 67)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 67, 67, 3))
+    keep = (jnp.ones((4, 64), bool), jnp.ones((4, 64), bool))
+    drop = (jnp.zeros((4, 64), bool), jnp.ones((4, 64), bool))
+    full = model.apply({"params": params}, x, train=True, dropout_masks=keep)
+    zeroed = model.apply({"params": params}, x, train=True, dropout_masks=drop)
+    # fc6's output all dropped: fc7 sees zeros, so every example gets the same logits.
+    np.testing.assert_allclose(zeroed, jnp.broadcast_to(zeroed[:1], zeroed.shape), rtol=1e-6)
+    assert not np.allclose(full, jnp.broadcast_to(full[:1], full.shape))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = AlexNet(num_classes=10, width=0.25, dtype=jnp.bfloat16)
+    params = init_params(model, 67)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 67, 67, 3))
+    out = model.apply({"params": params}, x)
+    ref = AlexNet(num_classes=10, width=0.25).apply({"params": params}, x)
+    assert out.dtype == jnp.float32
+    assert 0 < np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_tanh_activation_changes_the_function():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 67, 67, 3))
+    params = init_params(AlexNet(num_classes=10, width=0.25), 67)
+    relu = AlexNet(num_classes=10, width=0.25).apply({"params": params}, x)
+    tanh = AlexNet(num_classes=10, width=0.25, activation="tanh").apply({"params": params}, x)
+    assert not np.allclose(relu, tanh)

@@ -1,0 +1,177 @@
+"""Train state, the paper's update rule, schedules, metrics, the step, config checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from alexnet_jax import UsageError, input_pipeline, parallel, train
+
+
+def _trainer(config):
+    mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
+    return train.Trainer(config, mesh), mesh
+
+
+def _fixed_batch(config, n=None):
+    source = input_pipeline.create_source(config.input)
+    stats = input_pipeline.get_stats(source, config.input, None)
+    ds = input_pipeline.train_dataset(
+        source,
+        config.input,
+        stats,
+        seed=0,
+        batch_size=n or config.batch_size,
+        start_step=0,
+        num_steps=1,
+    )
+    return next(ds.as_numpy_iterator())
+
+
+@pytest.mark.parametrize("mesh_model", [1, 2])
+def test_top_k_error_matches_numpy(mesh_model):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(16, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    mesh = parallel.create_mesh(1, mesh_model)
+    split = mesh_model > 1
+
+    def local(lg, lb):
+        nll, rank = parallel.example_stats(lg, lb, split)
+        return nll, rank
+
+    f = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(None, "model") if split else P(), P()), out_specs=(P(), P())
+    )
+    nll, rank = jax.jit(f)(logits, labels)
+    order = np.argsort(-logits, axis=1)
+    for k in (1, 5):
+        want = np.mean([labels[i] not in order[i, :k] for i in range(16)])
+        assert 0 < want < 1  # the check can tell errors from hits
+        assert np.mean(np.asarray(rank) >= k) == want
+    want_nll = -jax.nn.log_softmax(logits)[np.arange(16), labels]
+    np.testing.assert_allclose(nll, want_nll, rtol=1e-5)
+
+
+def test_nan_logits_count_as_errors():
+    logits = np.full((4, 10), np.nan, np.float32)
+    mesh = parallel.create_mesh(1, 1)
+    f = jax.shard_map(
+        lambda lg, lb: parallel.example_stats(lg, lb, False)[1],
+        mesh=mesh,
+        in_specs=(P(), P()),
+        out_specs=P(),
+    )
+    assert np.all(np.asarray(f(logits, np.zeros(4, np.int32))) >= 5)
+
+
+def test_optimizer_is_the_papers_update_rule(tiny):
+    o = tiny().optimizer
+    tx = train.make_optimizer(o)
+    w = {"fc6": {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}}
+    state = tx.init(w)
+    v = jax.tree.map(jnp.zeros_like, w)
+    lr_by_step = [0.01, 0.01, 0.001]  # a cut: the rate inside the velocity matters here
+    for i, lr in enumerate(lr_by_step):
+        g = jax.tree.map(lambda p, i=i: jnp.full_like(p, 0.3 * (i + 1)), w)
+        state = train._set_learning_rate(state, jnp.float32(lr))
+        updates, state = tx.update(g, state, w)
+        # v <- 0.9 v - wd * lr * w - lr * grad (no decay on biases); w <- w + v
+        v = {
+            "fc6": {
+                "kernel": 0.9 * v["fc6"]["kernel"]
+                - 5e-4 * lr * w["fc6"]["kernel"]
+                - lr * g["fc6"]["kernel"],
+                "bias": 0.9 * v["fc6"]["bias"] - lr * g["fc6"]["bias"],
+            }
+        }
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, v)
+        w = optax.apply_updates(w, updates)
+
+
+def test_schedules(tiny):
+    o = tiny().optimizer
+    o.schedule, o.step_every_steps = "step", 10
+    s = train.make_schedule(o)
+    np.testing.assert_allclose([s(0), s(9), s(10), s(25)], [0.01, 0.01, 0.001, 0.0001], rtol=1e-5)
+
+
+def test_plateau_scale_changes_only_when_told(tiny):
+    config = tiny(**{"optimizer.schedule": "plateau", "optimizer.plateau_patience": 1})
+    trainer, mesh = _trainer(config)
+    p = trainer.init_state(0).plateau
+    p = trainer.update_plateau(p, jnp.float32(0.5))
+    assert float(p.scale) == 1.0
+    p = trainer.update_plateau(p, jnp.float32(0.5))  # no improvement, patience 1: cut
+    assert float(p.scale) == pytest.approx(0.1)
+    for _ in range(5):
+        p = trainer.update_plateau(p, jnp.float32(0.5))
+    assert float(p.scale) == pytest.approx(1e-3)  # the paper's three cuts, then no more
+
+
+def test_one_step_lowers_the_loss_and_traces_once(tiny):
+    config = tiny(**{"model.dropout_rate": 0.0})
+    trainer, mesh = _trainer(config)
+    state = trainer.init_state(0)
+    batch = parallel.global_batch(mesh, _fixed_batch(config))
+    loss = lambda s: float(trainer.loss_fn(s.params, batch["images"], batch["labels"], ())[0])
+    before = loss(state)
+    params0 = jax.device_get(state.params)
+    for _ in range(3):
+        state, metrics = trainer.train_step(state, batch)
+    assert trainer.trace_count == 1  # one compilation for every step
+    assert int(state.step) == 3
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), params0, jax.device_get(state.params)
+    )
+    assert all(jax.tree.leaves(changed))
+    assert loss(state) < before
+
+
+def test_a_small_batch_can_be_overfitted(tiny):
+    config = tiny(**{"model.dropout_rate": 0.0, "batch_size": 8})
+    trainer, mesh = _trainer(config)
+    state = trainer.init_state(0)
+    batch = parallel.global_batch(mesh, _fixed_batch(config))
+    for _ in range(60):
+        state, metrics = trainer.train_step(state, batch)
+    assert float(metrics["top1_errors"]) == 0.0
+    assert float(metrics["loss"]) / 8 < 0.05
+
+
+def test_init_is_sharded_and_the_same_on_every_mesh(tiny):
+    ref = jax.device_get(train.Trainer(tiny(), parallel.create_mesh(1, 1)).init_state(0).params)
+    trainer, mesh = _trainer(tiny(**{"mesh.data": 4, "mesh.model": 2}))
+    params = trainer.init_state(0).params
+    k = params["conv2"]["kernel"]
+    assert k.sharding == NamedSharding(mesh, P(None, None, None, "model"))
+    assert k.addressable_shards[0].data.shape[-1] == k.shape[-1] // 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), ref)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"input.dataset": "imagenet"}, "input.dataset='imagenet' is unknown"),
+        ({"input.image_size": 60}, "Use at least 67"),
+        ({"batch_size": 0}, "batch_size=0 must be positive"),
+        ({"batch_size": 12, "mesh.data": 8}, "not divisible by mesh.data=8"),
+        ({"mesh.model": 4}, "mesh.model=4 is not possible"),
+        ({"mesh.data": 8, "mesh.model": 2}, "needs 16 devices but 8 are visible"),
+        ({"model.variant": "vgg"}, "model.variant='vgg' is unknown"),
+        ({"optimizer.schedule": "cosine"}, "optimizer.schedule='cosine'"),
+        ({"model.dtype": "float16"}, "model.dtype='float16' is unknown"),
+    ],
+)
+def test_bad_config_is_refused_before_compiling(tiny, overrides, message, tmp_path):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train.train_and_evaluate(tiny(**overrides), str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_wrong_num_classes_for_the_data(tiny, tmp_path):
+    with pytest.raises(UsageError, match="has 10 classes but model.num_classes=7"):
+        train.train_and_evaluate(tiny(**{"model.num_classes": 7}), str(tmp_path))
