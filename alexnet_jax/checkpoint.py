@@ -70,7 +70,9 @@ class Checkpointer:
         step = self.latest_step()
         if step is None:
             return
-        saved = flat_shapes(self.manager.item_metadata(step)["state"].tree)
+        saved = flat_shapes(
+            self._read(step, lambda: self.manager.item_metadata(step)["state"].tree)
+        )
         lines = describe_mismatch(saved, flat_shapes(abstract_state))
         params = [line for line in lines if line.startswith("  params/")]
         lines = params or lines  # optimizer slots mirror the parameters: name those
@@ -88,10 +90,19 @@ class Checkpointer:
         if step is None:
             return None
         self.check_compatible(abstract_state)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
-        return restored["state"]
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self._read(step, lambda: self.manager.restore(step, args=args))["state"]
+
+    def _read(self, step: int, read: Callable[[], Any]) -> Any:
+        try:
+            return read()
+        except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+            first = (str(e).splitlines() or [""])[0][:300]
+            raise UsageError(
+                f"The checkpoint at step {step} in {self.directory} could not be read "
+                f"({type(e).__name__}: {first}). To resume from an earlier checkpoint, move "
+                f"{self.directory / str(step)} out of the directory; nothing was deleted."
+            ) from e
 
     def save(self, step: int, state: Any, config: ml_collections.ConfigDict, data: dict) -> None:
         self.manager.save(

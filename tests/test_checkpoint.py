@@ -65,7 +65,7 @@ def test_load_checkpoint_on_one_device(trained_on_4x2):
     assert r.predict(digits[0]).shape == (1, 10)  # a single HWC image too
 
 
-@pytest.mark.parametrize("mesh", [(8, 1), (2, 1)])
+@pytest.mark.parametrize("mesh", [(8, 1), (2, 1), (1, 1)])
 def test_a_checkpoint_moves_between_meshes_and_training_continues(trained_on_4x2, mesh, tmp_path):
     import shutil
 
@@ -82,3 +82,20 @@ def test_a_checkpoint_moves_between_meshes_and_training_continues(trained_on_4x2
 def test_load_checkpoint_without_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoints"):
         load_checkpoint(str(tmp_path))
+
+
+def test_a_corrupt_checkpoint_is_named_and_kept(tiny, tmp_path):
+    config = tiny()
+    trainer = train.Trainer(config, parallel.create_mesh(1, 1))
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(4, trainer.init_state(0), config, {"class_names": [], "stats": {}})
+    ckpt.close()
+    state_dir = tmp_path / "checkpoints" / "4" / "state"
+    data = [p for p in (state_dir / "ocdbt.process_0" / "d").iterdir() if p.stat().st_size > 1e5]
+    assert data
+    for p in data:
+        p.write_bytes(b"\0" * 100)  # truncated, garbled array data
+    with pytest.raises(UsageError, match="could not be read") as e:
+        checkpoint.Checkpointer(str(tmp_path)).restore(trainer.abstract_state)
+    assert "step 4" in str(e.value) and "move" in str(e.value)
+    assert all(p.exists() for p in data)  # nothing deleted

@@ -124,20 +124,23 @@ def test_tower_convs_equal_a_grouped_convolution():
     inter = {k.removesuffix("_map"): v[0] for k, v in state["intermediates"].items()}
 
     def grouped(name, inp):
+        pad = 2 if name == "conv2" else 1
         y = jax.lax.conv_general_dilated(
             inp,
             params[name]["kernel"],
             (1, 1),
-            [(1, 1)] * 2,
+            [(pad, pad)] * 2,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=2,
             precision="highest",
         )
         return jax.nn.relu(y + params[name]["bias"][None, None, None, :])
 
-    # conv4 and conv5 see only their own tower: a feature_group_count=2 conv with the same kernel.
-    for name, prev in (("conv4", "conv3"), ("conv5", "conv4")):
+    # conv2, conv4 and conv5 see only their own tower: a feature_group_count=2 conv.
+    for name, prev in (("conv2", "conv1_pool"), ("conv4", "conv3"), ("conv5", "conv4")):
         want = grouped(name, inter[prev])
+        if name == "conv2":  # conv2 is followed by LRN before it is recorded
+            want = local_response_norm(want, 2)
         a = inter[prev]
         swapped = jnp.concatenate(jnp.split(a, 2, -1)[::-1], -1)
         assert not np.allclose(grouped(name, swapped), want)  # the grouping matters

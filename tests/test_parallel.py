@@ -69,3 +69,30 @@ def test_sharded_step_equals_single_device(tiny, dropout):
                 assert np.linalg.norm(np.asarray(u)) > 0  # the parameters do change
                 assert rel(g, want_grads[name][leaf]) < 1e-5, (data, model, name, leaf)
                 assert rel(u, want_updates[name][leaf]) < 1e-5, (data, model, name, leaf)
+
+
+@pytest.mark.parametrize("mesh", [(1, 1), (2, 2)])
+def test_ten_patch_eval_averages_the_softmax(tiny, mesh):
+    config = tiny(**{"input.eval_ten_crop": True, "model.weight_init": "he", "batch_size": 4})
+    config.mesh.data, config.mesh.model = mesh
+    trainer = train.Trainer(config, parallel.create_mesh(*mesh))
+    state = trainer.init_state(0)
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(4, 10, 67, 67, 3)).astype(np.float32)
+    labels = np.array([0, 3, 5, 9], np.int32)
+    weights = np.array([1, 1, 1, 0], np.float32)  # the last row is padding
+    batch = parallel.global_batch(
+        trainer.mesh, {"images": images, "labels": labels, "weights": weights}
+    )
+    sums = jax.device_get(trainer.eval_step(state.params, *batch.values()))
+
+    params = jax.device_get(state.params)
+    logits = trainer.model.apply({"params": params}, images.reshape(40, 67, 67, 3))
+    probs = np.asarray(jax.nn.softmax(logits)).reshape(4, 10, 10).mean(1)
+    single = np.asarray(jax.nn.softmax(logits)).reshape(4, 10, 10)[:, 0]
+    assert not np.allclose(probs, single)  # the crops disagree: averaging matters
+    nll = -np.log(probs[np.arange(4), labels])
+    assert sums["count"] == 3
+    np.testing.assert_allclose(sums["loss"], nll[:3].sum(), rtol=1e-5)
+    top1 = (probs.argmax(-1) != labels)[:3].sum()
+    assert sums["top1_errors"] == top1
