@@ -22,7 +22,35 @@ _CACHE = flags.DEFINE_string(
     "~/.cache/alexnet_jax/xla",
     "Persistent XLA compilation cache ('' to disable): restarts skip most compilation.",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process: host:port of process 0 (with the two below)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def init_distributed() -> None:
+    """jax.distributed: explicit flags, else auto-detected on SLURM (several tasks) and Cloud
+    TPU VMs; a single process on anything else."""
+    import jax
+
+    given = {
+        "--coordinator_address": _COORDINATOR.value,
+        "--num_processes": _NUM_PROCESSES.value,
+        "--process_id": _PROCESS_ID.value,
+    }
+    missing = [k for k, v in given.items() if v is None]
+    if len(missing) < 3:
+        if missing:
+            set_ = [k for k in given if k not in missing]
+            raise app.UsageError(
+                f"{', '.join(set_)} given without {', '.join(missing)}: a multi-process run "
+                "needs all three (or none, on SLURM and Cloud TPU, where JAX finds them)."
+            )
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or importlib.util.find_spec("libtpu"):
+        jax.distributed.initialize()
 
 
 def _dotted_keys(config, prefix: str = "") -> list[str]:
@@ -66,6 +94,9 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
+    init_distributed()
+    if jax.process_index() > 0:  # one console log is enough; errors still show everywhere
+        logging.set_verbosity(logging.WARNING)
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

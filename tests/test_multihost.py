@@ -1,0 +1,92 @@
+"""Two processes on 127.0.0.1 (2 simulated devices each) train like one process with 4."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from conftest import CACHE, REPO
+
+ARGS = [
+    "--config.batch_size=16",
+    "--config.model.width=0.125",
+    "--config.input.image_size=67",
+    "--config.input.resize_size=72",
+    "--config.num_train_steps=4",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=4",
+    "--config.checkpoint_every_steps=4",
+    "--config.mesh.model=2",
+]
+
+
+def _cmd(workdir, *extra):
+    return [
+        sys.executable,
+        str(REPO / "launch.py"),
+        f"--config={REPO / 'configs/digits.py'}",
+        f"--workdir={workdir}",
+        f"--compilation_cache_dir={CACHE}",
+        *ARGS,
+        *extra,
+    ]
+
+
+def _env(devices):
+    return dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+
+
+def _losses(workdir):
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["train/loss"] for m in lines if "train/loss" in m}, lines[-1]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            _cmd(multi, f"--coordinator_address={addr}", "--num_processes=2", f"--process_id={i}"),
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    r = subprocess.run(_cmd(single), env=_env(4), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    (a, a_eval), (b, b_eval) = _losses(multi), _losses(single)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert len(set(b.values())) == 4  # the loss moves: the comparison can fail
+    for step in b:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), (step, a[step], b[step])
+    assert a_eval["eval/count"] == b_eval["eval/count"] == 360
+    assert (multi / "checkpoints" / "4").is_dir()  # written by both processes through Orbax
+    assert "mesh {'data': 2, 'model': 2} on 4 devices" in outs[0]
+
+
+def test_a_multihost_flag_alone_is_refused(tmp_path):
+    r = subprocess.run(
+        _cmd(tmp_path, "--num_processes=2"),
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode != 0
+    assert "--num_processes given without --coordinator_address, --process_id" in r.stderr
