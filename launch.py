@@ -44,7 +44,9 @@ def init_distributed() -> None:
     if len(missing) < 3:
         if missing:
             set_ = [k for k in given if k not in missing]
-            raise app.UsageError(
+            from alexnet_jax import UsageError
+
+            raise UsageError(
                 f"{', '.join(set_)} given without {', '.join(missing)}: a multi-process run "
                 "needs all three (or none, on SLURM and Cloud TPU, where JAX finds them)."
             )
@@ -94,19 +96,18 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
-    init_distributed()
-    if jax.process_index() > 0:  # one console log is enough; errors still show everywhere
-        logging.set_verbosity(logging.WARNING)
-    if _CACHE.value:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from alexnet_jax import UsageError, train
 
-    logging.info("config:\n%s", _CONFIG.value)
     try:
+        init_distributed()
+        if jax.process_index() > 0:  # one console log is enough; errors still show everywhere
+            logging.set_verbosity(logging.WARNING)
+        if _CACHE.value:
+            jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        logging.info("config:\n%s", _CONFIG.value)
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except UsageError as e:
-        logging.error("%s", e)
         print(f"launch.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

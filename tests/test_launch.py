@@ -122,3 +122,14 @@ def test_the_demo_reaches_the_accuracy_bar(tmp_path):
     print(f"demo: {time.time() - start:.0f} s, held-out top-1 error {final['eval/top1_error']}")
     assert final["step"] == 250 and final["eval/count"] == 360
     assert final["eval/top1_error"] <= 0.05
+
+
+@pytest.mark.slow
+def test_the_demo_on_mesh_4x2_reaches_the_same_bar(tmp_path):
+    """8 simulated devices, one tower per device: the same 5% bar as on one device."""
+    r = launch(tmp_path, "--config.mesh.data=4", "--config.mesh.model=2", devices=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mesh {'data': 4, 'model': 2} on 8 devices" in r.stderr
+    final = [m for m in metrics(tmp_path) if "eval/top1_error" in m][-1]
+    assert final["step"] == 250 and final["eval/count"] == 360
+    assert final["eval/top1_error"] <= 0.05
