@@ -84,6 +84,8 @@ def test_load_checkpoint_without_checkpoints(tmp_path):
         load_checkpoint(str(tmp_path))
 
 
+# Orbax's async reader leaves un-awaited coroutines behind when the data is garbage.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_corrupt_checkpoint_is_named_and_kept(tiny, tmp_path):
     config = tiny()
     trainer = train.Trainer(config, parallel.create_mesh(1, 1))

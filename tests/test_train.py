@@ -175,3 +175,11 @@ def test_bad_config_is_refused_before_compiling(tiny, overrides, message, tmp_pa
 def test_wrong_num_classes_for_the_data(tiny, tmp_path):
     with pytest.raises(UsageError, match="has 10 classes but model.num_classes=7"):
         train.train_and_evaluate(tiny(**{"model.num_classes": 7}), str(tmp_path))
+
+
+def test_mesh_checks_per_process():
+    with pytest.raises(UsageError, match="not divisible by the 3 processes"):
+        parallel.check_mesh(-1, 1, 2, 8, num_devices=6, process_count=3)
+    with pytest.raises(UsageError, match="must use all 8 devices of a multi-process run"):
+        parallel.check_mesh(2, 2, 2, 8, num_devices=8, process_count=2)
+    parallel.check_mesh(-1, 2, 2, 8, num_devices=8, process_count=2)  # fine: no exception
