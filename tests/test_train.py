@@ -178,8 +178,9 @@ def test_wrong_num_classes_for_the_data(tiny, tmp_path):
 
 
 def test_mesh_checks_per_process():
-    with pytest.raises(UsageError, match="not divisible by the 3 processes"):
-        parallel.check_mesh(-1, 1, 2, 8, num_devices=6, process_count=3)
+    # 2 processes x 3 devices, mesh (3, 2): 9 splits over the data axis but not per process.
+    with pytest.raises(UsageError, match="not divisible by the 2 processes"):
+        parallel.check_mesh(-1, 2, 2, 9, num_devices=6, process_count=2)
     with pytest.raises(UsageError, match="must use all 8 devices of a multi-process run"):
         parallel.check_mesh(2, 2, 2, 8, num_devices=8, process_count=2)
     parallel.check_mesh(-1, 2, 2, 8, num_devices=8, process_count=2)  # fine: no exception
