@@ -122,6 +122,7 @@ def test_one_step_lowers_the_loss_and_traces_once(tiny):
     params0 = jax.device_get(state.params)
     for _ in range(3):
         state, metrics = trainer.train_step(state, batch)
+        train.wait_for(metrics)  # bounded dispatch, as the training loop does
     assert trainer.trace_count == 1  # one compilation for every step
     assert int(state.step) == 3
     changed = jax.tree.map(
@@ -138,6 +139,7 @@ def test_a_small_batch_can_be_overfitted(tiny):
     batch = parallel.global_batch(mesh, _fixed_batch(config))
     for _ in range(60):
         state, metrics = trainer.train_step(state, batch)
+        train.wait_for(metrics)  # bounded dispatch, as the training loop does
     assert float(metrics["top1_errors"]) == 0.0
     assert float(metrics["loss"]) / 8 < 0.05
 
