@@ -152,14 +152,26 @@ def example_stats(logits: jax.Array, labels: jax.Array, split: bool) -> tuple[ja
     return nll, rank
 
 
-def _sums(nll: jax.Array, rank: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+def _sums(
+    nll: jax.Array, rank: jax.Array, weights: jax.Array, model_copies: int
+) -> dict[str, jax.Array]:
+    """Weighted sums over the global batch.
+
+    model_copies > 1 when fc8 is replicated over the tower shards: each then holds the same
+    numbers, typed as varying (all_gather's output is), so average them over MODEL. The
+    transpose gives every shard 1/n of the cotangent, which fc8's replicated kernel gradient
+    sums back to the whole.
+    """
     sums = {
         "loss": (weights * nll).sum(),
         "top1_errors": (weights * (rank >= 1)).sum(),
         "top5_errors": (weights * (rank >= 5)).sum(),
         "count": weights.sum(),
     }
-    return jax.lax.psum(sums, DATA)
+    sums = jax.lax.psum(sums, DATA)
+    if model_copies > 1:
+        sums = jax.tree.map(lambda x: jax.lax.psum(x, MODEL) / model_copies, sums)
+    return sums
 
 
 def make_loss_fn(model: AlexNet, params: Any, mesh: Mesh) -> Callable:
@@ -169,12 +181,14 @@ def make_loss_fn(model: AlexNet, params: Any, mesh: Mesh) -> Callable:
     """
     local_model = tower_model(model, mesh)
     split = local_model.fc8_shards > 1
+    copies = 1 if split else mesh.shape[MODEL]
 
     def local(params, images, labels, masks):
         logits = local_model.apply(
             {"params": params}, images, train=True, dropout_masks=masks or None
         )
-        sums = _sums(*example_stats(logits, labels, split), jnp.ones(labels.shape, jnp.float32))
+        ones = jnp.ones(labels.shape, jnp.float32)
+        sums = _sums(*example_stats(logits, labels, split), ones, copies)
         return sums["loss"] / sums["count"], sums
 
     specs = param_specs(model, params, mesh)
@@ -192,6 +206,7 @@ def make_eval_fn(model: AlexNet, params: Any, mesh: Mesh, ten_crop: bool) -> Cal
     """(params, images, labels, weights) -> metric sums; ten_crop images are [B, 10, H, W, 3]."""
     local_model = tower_model(model, mesh)
     split = local_model.fc8_shards > 1
+    copies = 1 if split else mesh.shape[MODEL]
 
     def local(params, images, labels, weights):
         if ten_crop:
@@ -201,7 +216,7 @@ def make_eval_fn(model: AlexNet, params: Any, mesh: Mesh, ten_crop: bool) -> Cal
         if ten_crop:  # average the crops' softmax, as the paper did
             probs = jnp.exp(logits - _logsumexp(logits, split)[:, None])
             logits = jnp.log(probs.reshape(b, n, -1).mean(1))
-        return _sums(*example_stats(logits, labels, split), weights)
+        return _sums(*example_stats(logits, labels, split), weights, copies)
 
     specs = param_specs(model, params, mesh)
     return jax.shard_map(

@@ -33,12 +33,15 @@ def _reference_step(config, params, images, labels, masks):
     return loss, grads, updates2
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_sharded_step_equals_single_device(tiny, dropout):
-    base = tiny(**{"model.dropout_rate": dropout, "model.num_classes": 10, "batch_size": 8})
+@pytest.mark.parametrize(
+    "dropout, classes",
+    [(0.0, 10), (0.5, 10), (0.5, 7)],  # 7 classes: fc8 replicated instead of split over towers
+)
+def test_sharded_step_equals_single_device(tiny, dropout, classes):
+    base = tiny(**{"model.dropout_rate": dropout, "model.num_classes": classes, "batch_size": 8})
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8, 67, 67, 3)).astype(np.float32)
-    labels = rng.integers(0, 10, 8).astype(np.int32)
+    labels = rng.integers(0, classes, 8).astype(np.int32)
     ref_mesh = parallel.create_mesh(1, 1)
     ref_trainer = train.Trainer(base, ref_mesh)
     params = jax.device_get(ref_trainer.init_state(0).params)
@@ -50,6 +53,8 @@ def test_sharded_step_equals_single_device(tiny, dropout):
         config = base.copy_and_resolve_references()
         config.mesh.data, config.mesh.model = data, model
         trainer = train.Trainer(config, parallel.create_mesh(data, model))
+        fc8_split = parallel.tower_model(trainer.model, trainer.mesh).fc8_shards > 1
+        assert fc8_split == (model == 2 and classes % 2 == 0)
         state = trainer.init_state(0)
         batch = parallel.global_batch(trainer.mesh, {"images": images, "labels": labels})
         drawn = parallel.dropout_masks(jax.random.PRNGKey(3), trainer.model, 8, 67, trainer.mesh)
