@@ -112,8 +112,12 @@ def test_plateau_scale_changes_only_when_told(tiny):
     assert float(p.scale) == pytest.approx(1e-3)  # the paper's three cuts, then no more
 
 
-def test_one_step_lowers_the_loss_and_traces_once(tiny):
-    config = tiny(**{"model.dropout_rate": 0.0})
+@pytest.mark.parametrize("variant", ["paper", "owt"])
+def test_one_step_lowers_the_loss_and_traces_once(tiny, variant):
+    owt = (
+        {"model.variant": "owt", "model.towers": 1, "model.lrn": False} if variant == "owt" else {}
+    )
+    config = tiny(**{"model.dropout_rate": 0.0, **owt})
     trainer, mesh = _trainer(config)
     state = trainer.init_state(0)
     batch = parallel.global_batch(mesh, _fixed_batch(config))
