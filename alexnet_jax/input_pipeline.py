@@ -14,10 +14,13 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
 
 from alexnet_jax.errors import UsageError
 
@@ -62,13 +65,18 @@ IMAGENET_STATS = Stats(
 
 @dataclasses.dataclass
 class Split:
-    """A split: `epoch(e, seed, start)` gives (raw, label) in epoch e's order from `start`."""
+    """One split. `epoch(e, seed, start)` yields keys in epoch e's order from position `start`;
+    `decode(key)` reads and decodes one example into (uint8 HxWx3 image, int32 label).
+
+    Keys are cheap (an index where the source has random access), so each process slices out
+    its rows of the global batch before anything is read.
+    """
 
     size: int
     epoch: Callable[[int, int, int], tf.data.Dataset]
-    decode: Callable[[tf.Tensor], tf.Tensor]  # raw -> uint8 HxWx3
-    pad_raw: object  # a raw value of the right dtype for padding eval batches
-    describe: Callable[[int, tf.Tensor], str]  # names example (i, raw) in error messages
+    decode: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+    pad_key: object  # a key of the right type for padding eval batches (never decoded)
+    describe: Callable[[int, tf.Tensor], str]  # names example (i, key) in error messages
 
 
 @dataclasses.dataclass
@@ -87,21 +95,30 @@ class Source:
 # ----------------------------------------------------------------------------------- sources
 
 
-def _array_split(images: np.ndarray, labels: np.ndarray, shuffle: bool) -> Split:
-    """A split held in memory (random access)."""
-    images_t, labels_t = tf.constant(images), tf.constant(labels.astype(np.int32))
-
-    def epoch(e: int, seed: int, start: int) -> tf.data.Dataset:
-        order = _permutation(len(labels), seed, e) if shuffle else np.arange(len(labels))
-        ds = tf.data.Dataset.from_tensor_slices(order[start:])
-        return ds.map(lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i)))
-
-    pad = np.zeros(images.shape[1:], np.uint8)
-    return Split(len(labels), epoch, lambda x: x, pad, lambda i, raw: f"example {i}")
-
-
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+
+
+def _indexed_split(
+    size: int,
+    read: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]],
+    shuffle: bool,
+    describe: Callable[[int, tf.Tensor], str],
+) -> Split:
+    """A random-access split: keys are example indices, permuted per (seed, epoch)."""
+
+    def epoch(e: int, seed: int, start: int) -> tf.data.Dataset:
+        order = _permutation(size, seed, e) if shuffle else np.arange(size, dtype=np.int64)
+        return tf.data.Dataset.from_tensor_slices(order[start:])
+
+    return Split(size, epoch, read, np.int64(0), describe)
+
+
+def _array_split(images: np.ndarray, labels: np.ndarray, shuffle: bool) -> Split:
+    """A split held in memory."""
+    images_t, labels_t = tf.constant(images), tf.constant(labels.astype(np.int32))
+    read = lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i))
+    return _indexed_split(len(labels), read, shuffle, lambda i, key: f"example {int(key)}")
 
 
 def digits_source() -> Source:
@@ -146,13 +163,8 @@ def _folder_split(root: Path, classes: list[str], shuffle: bool) -> Split:
             "images in a sub-folder named after the class."
         )
     paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int32)
-
-    def epoch(e: int, seed: int, start: int) -> tf.data.Dataset:
-        order = _permutation(len(paths), seed, e) if shuffle else np.arange(len(paths))
-        ds = tf.data.Dataset.from_tensor_slices(order[start:])
-        return ds.map(lambda i: (tf.gather(paths_t, i), tf.gather(labels_t, i)))
-
-    return Split(len(paths), epoch, _decode_file, "", lambda i, raw: raw.numpy().decode())
+    read = lambda i: (_decode_file(tf.gather(paths_t, i)), tf.gather(labels_t, i))
+    return _indexed_split(len(paths), read, shuffle, lambda i, key: paths[int(key)])
 
 
 def imagefolder_source(cfg: ml_collections.ConfigDict) -> Source:
@@ -189,45 +201,83 @@ def _imagenet_not_prepared(cfg: ml_collections.ConfigDict, data_dir: str) -> Usa
         f"ImageNet (TFDS imagenet2012) is not prepared in {data_dir}. Download "
         f"{' and '.join(IMAGENET_TARS)} from https://image-net.org (a login is needed), put "
         f"both in {manual}, then run once:\n"
-        f"  tfds build imagenet2012 --data_dir={data_dir} --manual_dir={manual}\n"
-        "and pass the same --config.input.data_dir (and .manual_dir) to launch.py."
+        f"  python -m alexnet_jax.prepare_imagenet --data_dir={data_dir} --manual_dir={manual}\n"
+        f"and pass --config.input.data_dir={data_dir} to launch.py."
     )
 
 
-def imagenet_source(cfg: ml_collections.ConfigDict) -> Source:
-    import tensorflow_datasets as tfds
+def _jpeg(raw: tf.Tensor) -> tf.Tensor:
+    return tf.ensure_shape(tf.io.decode_jpeg(raw, channels=3), [None, None, 3])
 
+
+def _tfds_random_access(source: Any, name: str, shuffle: bool) -> Split:
+    """array_record: read only the records this process needs, in any order."""
+
+    def read_np(i: np.ndarray) -> tuple[bytes, np.int32]:
+        example = source[int(i)]
+        return example["image"], np.int32(example["label"])
+
+    def read(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        raw, label = tf.numpy_function(read_np, [i], (tf.string, tf.int32), stateful=False)
+        return _jpeg(raw), tf.ensure_shape(label, [])
+
+    return _indexed_split(len(source), read, shuffle, lambda i, key: f"{name} record {int(key)}")
+
+
+def _tfds_sequential(
+    builder: Any, cfg: ml_collections.ConfigDict, name: str, shuffle: bool
+) -> Split:
+    """TFRecord: no random access, so every process reads every record (and decodes only its
+    own), and a resumed run re-reads its epoch up to its position."""
+
+    def dataset(e: int = 0, seed: int = 0) -> tf.data.Dataset:
+        read = tfds.ReadConfig(shuffle_seed=_epoch_seed(seed, e), interleave_cycle_length=16)
+        ds = builder.as_dataset(
+            split=name,
+            shuffle_files=shuffle,
+            read_config=read,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+        # One dict per key: tf.data would unpack a tuple into two arguments.
+        ds = ds.map(lambda x: {"jpeg": x["image"], "label": tf.cast(x["label"], tf.int32)})
+        if shuffle:
+            ds = ds.shuffle(cfg.shuffle_buffer, seed=_epoch_seed(seed, e))
+        return ds
+
+    dataset()  # builds the reader only; raises AssertionError when nothing was prepared
+    size = builder.info.splits[name].num_examples if name in builder.info.splits else 0
+    if not size:  # split sizes unknown (e.g. TFDS mock data): count the records once
+        size = int(dataset().reduce(np.int64(0), lambda n, _: n + 1))
+    epoch = lambda e, seed, start: dataset(e, seed).skip(start)
+    decode = lambda key: (_jpeg(key["jpeg"]), key["label"])
+    pad = {"jpeg": b"", "label": np.int32(0)}
+    return Split(size, epoch, decode, pad, lambda i, key: f"{name} record {i}")
+
+
+def imagenet_source(cfg: ml_collections.ConfigDict) -> Source:
+    """TFDS imagenet2012: random access when prepared as array_record, else TFRecord reading."""
     data_dir = os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
     builder = tfds.builder("imagenet2012", data_dir=data_dir)
 
     def split(name: str, shuffle: bool) -> Split:
-        def dataset(e: int = 0, seed: int = 0) -> tf.data.Dataset:
-            read = tfds.ReadConfig(shuffle_seed=_epoch_seed(seed, e), interleave_cycle_length=16)
-            ds = builder.as_dataset(
-                split=name,
-                shuffle_files=shuffle,
-                read_config=read,
-                decoders={"image": tfds.decode.SkipDecoding()},
-            )
-            ds = ds.map(lambda x: (x["image"], tf.cast(x["label"], tf.int32)))
-            if shuffle:
-                ds = ds.shuffle(cfg.shuffle_buffer, seed=_epoch_seed(seed, e))
-            return ds
-
         try:
-            dataset()  # builds the reader only: fails at once when nothing was prepared
+            keep_jpeg = {"image": tfds.decode.SkipDecoding()}
+            return _tfds_random_access(
+                builder.as_data_source(split=name, decoders=keep_jpeg), name, shuffle
+            )
+        except NotImplementedError:  # TFRecord files, or nothing prepared
+            pass
+        try:
+            seq = _tfds_sequential(builder, cfg, name, shuffle)
         except AssertionError as e:  # TFDS: "could not find data in ..."
             raise _imagenet_not_prepared(cfg, data_dir) from e
-        size = builder.info.splits[name].num_examples if name in builder.info.splits else 0
-        if not size:  # split sizes unknown (e.g. TFDS mock data): count the records once
-            size = int(dataset().reduce(np.int64(0), lambda n, _: n + 1))
-
-        def epoch(e: int, seed: int, start: int) -> tf.data.Dataset:
-            # Records before `start` are read but not decoded.
-            return dataset(e, seed).skip(start)
-
-        decode = lambda raw: tf.io.decode_jpeg(raw, channels=3)
-        return Split(size, epoch, decode, b"", lambda i, raw: f"{name} record {i}")
+        logging.warning(
+            "imagenet2012/%s is stored as TFRecord: every process reads every record, and a "
+            "resumed run re-reads its epoch. `python -m alexnet_jax.prepare_imagenet` prepares "
+            "array_record files instead (random access).",
+            name,
+        )
+        return seq
 
     return Source(
         "imagenet2012",
@@ -328,7 +378,7 @@ def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
     """Mean and RGB-covariance eigen-decomposition over (up to max_images of) a training split."""
 
     def moments(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        pixels = tf.reshape(resize_square(split.decode(raw), resize_size), [-1, 3]) / 255.0
+        pixels = tf.reshape(resize_square(split.decode(raw)[0], resize_size), [-1, 3]) / 255.0
         pixels = tf.cast(pixels, tf.float64)
         return (
             tf.reduce_sum(pixels, 0),
@@ -336,7 +386,7 @@ def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
             tf.shape(pixels, out_type=tf.int64)[0],
         )
 
-    ds = split.epoch(0, 0, 0).take(max_images).map(lambda raw, _: moments(raw), AUTOTUNE)
+    ds = split.epoch(0, 0, 0).take(max_images).map(moments, AUTOTUNE)
     total, outer, count = np.zeros(3), np.zeros((3, 3)), 0
     for s, o, n in ds.as_numpy_iterator():
         total, outer, count = total + s, outer + o, count + n
@@ -410,11 +460,10 @@ def train_dataset(
     ds = ds.enumerate(start=first)
     ds = _process_slice(ds, batch_size, process_index, process_count)
 
-    def prepare(g, example):
-        raw, label = example
+    def prepare(g, key):
+        image, label = source.train.decode(key)
         example_seed = tf.stack([tf.constant(seed, tf.int64), g])
-        image = train_preprocess(source.train.decode(raw), example_seed, stats, cfg)
-        return {"images": image, "labels": label}
+        return {"images": train_preprocess(image, example_seed, stats, cfg), "labels": label}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size // process_count, drop_remainder=True)
@@ -432,15 +481,16 @@ def eval_dataset(
 ) -> tf.data.Dataset:
     """Every eval example exactly once; the last global batch is padded with weight-0 rows."""
     split = source.eval
-    real = split.epoch(0, 0, 0).map(lambda raw, label: (raw, label, 1.0))
-    pad = tf.data.Dataset.from_tensors((split.pad_raw, 0, 0.0)).repeat(batch_size - 1)
-    ds = real.concatenate(pad.map(lambda r, lab, w: (r, tf.cast(lab, tf.int32), w)))
+    real = split.epoch(0, 0, 0).map(lambda key: (key, 1.0))
+    ds = real.concatenate(tf.data.Dataset.from_tensors((split.pad_key, 0.0)).repeat(batch_size - 1))
     ds = _process_slice(ds.enumerate(), batch_size, process_index, process_count)
 
     def prepare(g, example):
-        raw, label, weight = example
-        image = tf.cond(
-            weight > 0, lambda: split.decode(raw), lambda: tf.zeros([1, 1, 3], tf.uint8)
+        key, weight = example
+        image, label = tf.cond(
+            weight > 0,
+            lambda: split.decode(key),
+            lambda: (tf.zeros([1, 1, 3], tf.uint8), tf.constant(0, tf.int32)),
         )
         return {"images": eval_preprocess(image, stats, cfg), "labels": label, "weights": weight}
 
@@ -468,9 +518,9 @@ def iterate(ds: tf.data.Dataset, split: Split) -> Iterator[dict[str, np.ndarray]
 
 def find_undecodable(split: Split, limit: int = 200_000) -> str | None:
     """The first example of `split` (in epoch 0's order) that fails to decode, if any."""
-    for i, (raw, _) in enumerate(split.epoch(0, 0, 0).take(limit)):
+    for i, key in enumerate(split.epoch(0, 0, 0).take(limit)):
         try:
-            split.decode(raw)
+            split.decode(key)
         except tf.errors.InvalidArgumentError:
-            return split.describe(i, raw)
+            return split.describe(i, key)
     return None

@@ -208,15 +208,39 @@ def test_imagenet_not_prepared_says_where_the_tars_go(tmp_path):
         ip.create_source(cfg)
     msg = str(e.value)
     assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg
-    assert f"tfds build imagenet2012 --data_dir={tmp_path}" in msg and str(tmp_path / "m") in msg
+    assert f"python -m alexnet_jax.prepare_imagenet --data_dir={tmp_path}" in msg
+    assert f"--manual_dir={tmp_path / 'm'}" in msg
 
 
-def test_imagenet_path_on_tfds_mock_data():
+def test_prepare_imagenet(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from alexnet_jax import prepare_imagenet
+
+    with pytest.raises(UsageError, match="lacks ILSVRC2012_img_train.tar and ILSVRC2012_img_val"):
+        prepare_imagenet.prepare(str(tmp_path / "data"), str(tmp_path))
+    for tar in ip.IMAGENET_TARS:
+        (tmp_path / tar).write_bytes(b"")
+    with tfds.testing.mock_data(num_examples=4):  # download_and_prepare is mocked
+        assert prepare_imagenet.prepare(str(tmp_path), str(tmp_path)).name == "imagenet2012"
+
+
+@pytest.mark.parametrize("storage", ["array_record", "tfrecord"])
+def test_imagenet_path_on_tfds_mock_data(storage):
+    import contextlib
+    from unittest import mock
+
     import tensorflow_datasets as tfds
 
     cfg = _cfg(dataset="imagenet2012", image_size=67, resize_size=72, data_dir="/nonexistent")
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-        source = ip.create_source(cfg)
+        no_random_access = mock.patch.object(  # what TFDS raises for TFRecord files
+            tfds.core.DatasetBuilder, "as_data_source", side_effect=NotImplementedError
+        )
+        with no_random_access if storage == "tfrecord" else contextlib.nullcontext():
+            source = ip.create_source(cfg)
+        random_access = isinstance(source.train.pad_key, np.int64)
+        assert random_access == (storage == "array_record")
         assert source.num_classes == 1000 and source.class_names[0].startswith("tench")
         assert source.train.size == 12
         batches = _stream(source, cfg, 0, 3, batch=8)
@@ -225,3 +249,45 @@ def test_imagenet_path_on_tfds_mock_data():
     assert len(batches) == 3 and batches[0]["images"].shape == (8, 67, 67, 3)
     assert batches[0]["labels"].max() < 1000
     assert sum(b["weights"].sum() for b in evals) == 12
+
+
+def test_processes_read_disjoint_examples():
+    """Random-access sources read only this process's rows of each global batch."""
+    images = np.arange(40 * 4 * 4 * 3, dtype=np.int64).reshape(40, 4, 4, 3).astype(np.uint8)
+
+    def source_logging_reads(log):
+        def read_np(i):
+            log.append(int(i))
+            return images[int(i)], np.int32(i)
+
+        def read(i):
+            image, label = tf.numpy_function(read_np, [i], (tf.uint8, tf.int32))
+            return tf.ensure_shape(image, [4, 4, 3]), tf.ensure_shape(label, [])
+
+        split = ip._indexed_split(40, read, True, lambda i, key: str(key))
+        return ip.Source("logged", "logged", ["x"] * 40, split, split)
+
+    cfg = _cfg(resize_size=4, image_size=4, pca_lighting_std=0.0)
+    reads, labels = [], []
+    for index in range(2):
+        log = []
+        src = source_logging_reads(log)
+        ds = ip.train_dataset(
+            src,
+            cfg,
+            ip.IMAGENET_STATS,
+            seed=0,
+            batch_size=8,
+            start_step=0,
+            num_steps=3,
+            process_index=index,
+            process_count=2,
+        )
+        labels.append(np.concatenate([b["labels"] for b in ip.iterate(ds, src.train)]))
+        reads.append(set(log))
+    order = ip._permutation(40, 0, 0).reshape(5, 2, 4)  # epoch 0: 5 global batches of 2 x 4
+    for index in range(2):
+        own = set(order[:, index].ravel().tolist())  # this process's rows of every batch
+        assert reads[index] <= own  # tf.data may read ahead, but only its own rows
+        assert set(labels[index]) == set(order[:3, index].ravel().tolist())
+    assert reads[0].isdisjoint(reads[1])

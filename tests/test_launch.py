@@ -58,7 +58,7 @@ def test_imagenet_not_prepared_is_a_clear_error(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in r.stderr
-    assert "tfds build imagenet2012" in r.stderr
+    assert "python -m alexnet_jax.prepare_imagenet" in r.stderr
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):

@@ -1,0 +1,55 @@
+"""Prepare TFDS imagenet2012 once, from the two manual-download tars, as array_record files
+(random access: each process reads only its own examples, and a resumed run seeks directly).
+
+    python -m alexnet_jax.prepare_imagenet --data_dir=~/tensorflow_datasets \
+        --manual_dir=~/imagenet_tars
+
+(The `tfds build` command line would do the same but needs Apache Beam installed.)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from alexnet_jax.errors import UsageError
+from alexnet_jax.input_pipeline import IMAGENET_TARS
+
+_DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_dir to fill.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Directory holding the two ILSVRC tars.")
+
+
+def prepare(data_dir: str, manual_dir: str) -> Path:
+    """Convert the tars (about 150 GB) into data_dir/imagenet2012; hours on one machine."""
+    import tensorflow_datasets as tfds
+
+    manual = Path(manual_dir).expanduser()
+    missing = [t for t in IMAGENET_TARS if not (manual / t).is_file()]
+    if missing:
+        raise UsageError(
+            f"{manual} lacks {' and '.join(missing)}: download them from https://image-net.org "
+            "(a login is needed) and put them there, unextracted."
+        )
+    data_dir = os.path.expanduser(data_dir)
+    builder = tfds.builder("imagenet2012", data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    return Path(data_dir) / "imagenet2012"
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if not _MANUAL_DIR.value:
+        sys.exit(
+            "prepare_imagenet: error: --manual_dir=DIR (the directory with the tars) is needed"
+        )
+    try:
+        print(f"prepared {prepare(_DATA_DIR.value, _MANUAL_DIR.value)}")
+    except UsageError as e:
+        sys.exit(f"prepare_imagenet: error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
