@@ -16,7 +16,7 @@ from pathlib import Path
 from absl import app, flags
 
 from alexnet_jax.errors import UsageError
-from alexnet_jax.input_pipeline import IMAGENET_TARS
+from alexnet_jax.sources import IMAGENET_TARS
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_dir to fill.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Directory holding the two ILSVRC tars.")

@@ -18,7 +18,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import checkpoint, input_pipeline, parallel
+from alexnet_jax import checkpoint, input_pipeline, parallel, sources
 from alexnet_jax.errors import UsageError
 from alexnet_jax.model import VARIANTS, AlexNet, feature_shapes, min_image_size, param_count
 
@@ -69,8 +69,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
     need(m.weight_init in ("paper", "he"), f"model.weight_init={m.weight_init!r}: paper or he.")
     need(0 <= m.dropout_rate < 1, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
     need(
-        i.dataset in input_pipeline.DATASETS,
-        f"input.dataset={i.dataset!r} is unknown; use one of {input_pipeline.DATASETS}.",
+        i.dataset in sources.DATASETS,
+        f"input.dataset={i.dataset!r} is unknown; use one of {sources.DATASETS}.",
     )
     smallest = min_image_size(m.variant, m.overlap_pool)
     need(
@@ -286,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_config(config, jax.device_count(), nproc)
     Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
-    source = input_pipeline.create_source(config.input)
+    source = sources.create_source(config.input)
     if source.num_classes != config.model.num_classes:
         raise UsageError(
             f"input.dataset={config.input.dataset!r} has {source.num_classes} classes but "

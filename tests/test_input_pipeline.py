@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet_jax import UsageError
+from alexnet_jax import UsageError, sources
 from alexnet_jax import input_pipeline as ip
 
 
@@ -90,7 +90,7 @@ def test_eval_ten_crop_output(tiny):
 
 def test_stats_of_the_training_split_match_numpy():
     images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3)).astype(np.uint8)
-    split = ip._array_split(images, np.zeros(20, np.int64), shuffle=True)
+    split = sources._array_split(images, np.zeros(20, np.int64), shuffle=True)
     stats = ip.compute_stats(split, 8, 100)
     pixels = images.reshape(-1, 3).astype(np.float64)
     np.testing.assert_allclose(stats.mean, pixels.mean(0), rtol=1e-6)
@@ -102,7 +102,7 @@ def test_stats_of_the_training_split_match_numpy():
 
 
 def test_stats_are_cached_in_the_workdir(tmp_path):
-    source = ip.digits_source()
+    source = sources.digits_source()
     cfg = _cfg()
     a = ip.get_stats(source, cfg, str(tmp_path))
     assert (tmp_path / "input_stats.json").exists()
@@ -127,7 +127,7 @@ def _stream(source, cfg, start, steps, seed=0, index=0, count=1, batch=32):
 
 
 def test_train_stream_is_a_function_of_seed_and_step():
-    source, cfg = ip.digits_source(), _cfg()
+    source, cfg = sources.digits_source(), _cfg()
     full = _stream(source, cfg, 0, 50)  # crosses an epoch boundary (1437 / 32 = 44.9)
     assert len(full) == 50
     again = _stream(source, cfg, 0, 50)
@@ -142,7 +142,7 @@ def test_train_stream_is_a_function_of_seed_and_step():
 
 
 def test_each_process_gets_its_slice_of_the_global_batch():
-    source, cfg = ip.digits_source(), _cfg()
+    source, cfg = sources.digits_source(), _cfg()
     full = _stream(source, cfg, 0, 2)
     parts = [_stream(source, cfg, 0, 2, index=i, count=4) for i in range(4)]
     for step in range(2):
@@ -152,7 +152,7 @@ def test_each_process_gets_its_slice_of_the_global_batch():
 
 @pytest.mark.parametrize("count", [1, 2])
 def test_eval_counts_every_example_once(count):
-    source, cfg = ip.digits_source(), _cfg()
+    source, cfg = sources.digits_source(), _cfg()
     labels, weights = [], []
     for index in range(count):
         ds = ip.eval_dataset(
@@ -181,7 +181,7 @@ def _write_folder(root: Path, classes=("cat", "dog"), per_class=3, bad=None):
 
 def test_image_folder_source(tmp_path):
     _write_folder(tmp_path)
-    source = ip.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path)))
+    source = sources.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path)))
     assert source.class_names == ["cat", "dog"]
     assert source.train.size == 6 and source.eval.size == 6
     batches = _stream(source, _cfg(), 0, 2, batch=4)
@@ -190,14 +190,14 @@ def test_image_folder_source(tmp_path):
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(UsageError, match="needs --config.input.data_dir"):
-        ip.create_source(_cfg(dataset="imagefolder", data_dir=None))
+        sources.create_source(_cfg(dataset="imagefolder", data_dir=None))
     with pytest.raises(UsageError, match="does not exist"):
-        ip.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path / "nope")))
+        sources.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path / "nope")))
 
 
 def test_a_corrupt_image_is_named(tmp_path):
     _write_folder(tmp_path, bad="broken.jpg")
-    source = ip.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path)))
+    source = sources.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path)))
     with pytest.raises(UsageError, match="broken.jpg"):
         _stream(source, _cfg(), 0, 4, batch=4)
 
@@ -205,7 +205,7 @@ def test_a_corrupt_image_is_named(tmp_path):
 def test_imagenet_not_prepared_says_where_the_tars_go(tmp_path):
     cfg = _cfg(dataset="imagenet2012", data_dir=str(tmp_path), manual_dir=str(tmp_path / "m"))
     with pytest.raises(UsageError) as e:
-        ip.create_source(cfg)
+        sources.create_source(cfg)
     msg = str(e.value)
     assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg
     assert f"python -m alexnet_jax.prepare_imagenet --data_dir={tmp_path}" in msg
@@ -219,7 +219,7 @@ def test_prepare_imagenet(tmp_path):
 
     with pytest.raises(UsageError, match="lacks ILSVRC2012_img_train.tar and ILSVRC2012_img_val"):
         prepare_imagenet.prepare(str(tmp_path / "data"), str(tmp_path))
-    for tar in ip.IMAGENET_TARS:
+    for tar in sources.IMAGENET_TARS:
         (tmp_path / tar).write_bytes(b"")
     with tfds.testing.mock_data(num_examples=4):  # download_and_prepare is mocked
         assert prepare_imagenet.prepare(str(tmp_path), str(tmp_path)).name == "imagenet2012"
@@ -238,7 +238,7 @@ def test_imagenet_path_on_tfds_mock_data(storage):
             tfds.core.DatasetBuilder, "as_data_source", side_effect=NotImplementedError
         )
         with no_random_access if storage == "tfrecord" else contextlib.nullcontext():
-            source = ip.create_source(cfg)
+            source = sources.create_source(cfg)
         random_access = isinstance(source.train.pad_key, np.int64)
         assert random_access == (storage == "array_record")
         assert source.num_classes == 1000 and source.class_names[0].startswith("tench")
@@ -264,8 +264,8 @@ def test_processes_read_disjoint_examples():
             image, label = tf.numpy_function(read_np, [i], (tf.uint8, tf.int32))
             return tf.ensure_shape(image, [4, 4, 3]), tf.ensure_shape(label, [])
 
-        split = ip._indexed_split(40, read, True, lambda i, key: str(key))
-        return ip.Source("logged", "logged", ["x"] * 40, split, split)
+        split = sources._indexed_split(40, read, True, lambda i, key: str(key))
+        return sources.Source("logged", "logged", ["x"] * 40, split, split)
 
     cfg = _cfg(resize_size=4, image_size=4, pca_lighting_std=0.0)
     reads, labels = [], []
@@ -285,7 +285,7 @@ def test_processes_read_disjoint_examples():
         )
         labels.append(np.concatenate([b["labels"] for b in ip.iterate(ds, src.train)]))
         reads.append(set(log))
-    order = ip._permutation(40, 0, 0).reshape(5, 2, 4)  # epoch 0: 5 global batches of 2 x 4
+    order = sources._permutation(40, 0, 0).reshape(5, 2, 4)  # epoch 0: 5 global batches of 2 x 4
     for index in range(2):
         own = set(order[:, index].ravel().tolist())  # this process's rows of every batch
         assert reads[index] <= own  # tf.data may read ahead, but only its own rows

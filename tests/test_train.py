@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import UsageError, input_pipeline, parallel, train
+from alexnet_jax import UsageError, input_pipeline, parallel, sources, train
 
 
 def _trainer(config):
@@ -17,7 +17,7 @@ def _trainer(config):
 
 
 def _fixed_batch(config, n=None):
-    source = input_pipeline.create_source(config.input)
+    source = sources.create_source(config.input)
     stats = input_pipeline.get_stats(source, config.input, None)
     ds = input_pipeline.train_dataset(
         source,

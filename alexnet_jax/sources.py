@@ -1,0 +1,271 @@
+"""Data sources: TFDS imagenet2012, a folder of class sub-folders, and the embedded digits.
+
+A source has a train and an eval Split. A split yields cheap keys in a seeded per-epoch order
+(an index where the storage allows random access) and decodes a key into (image, label), so the
+input pipeline can give each process its rows of every global batch before anything is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from alexnet_jax.errors import UsageError
+
+# TensorFlow is only the host-side input pipeline: keep it off the accelerators' memory.
+tf.config.set_visible_devices([], "GPU")
+
+DATASETS = ("digits", "imagenet2012", "imagefolder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
+
+@dataclasses.dataclass
+class Split:
+    """One split. `epoch(e, seed, start)` yields keys in epoch e's order from position `start`;
+    `decode(key)` reads and decodes one example into (uint8 HxWx3 image, int32 label).
+
+    Keys are cheap (an index where the source has random access), so each process slices out
+    its rows of the global batch before anything is read.
+    """
+
+    size: int
+    epoch: Callable[[int, int, int], tf.data.Dataset]
+    decode: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+    pad_key: object  # a key of the right type for padding eval batches (never decoded)
+    describe: Callable[[int, tf.Tensor], str]  # names example (i, key) in error messages
+
+
+@dataclasses.dataclass
+class Source:
+    name: str
+    fingerprint: str  # identifies the data, for the statistics cache
+    class_names: list[str]
+    train: Split
+    eval: Split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+
+
+def _indexed_split(
+    size: int,
+    read: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]],
+    shuffle: bool,
+    describe: Callable[[int, tf.Tensor], str],
+) -> Split:
+    """A random-access split: keys are example indices, permuted per (seed, epoch)."""
+
+    def epoch(e: int, seed: int, start: int) -> tf.data.Dataset:
+        order = _permutation(size, seed, e) if shuffle else np.arange(size, dtype=np.int64)
+        return tf.data.Dataset.from_tensor_slices(order[start:])
+
+    return Split(size, epoch, read, np.int64(0), describe)
+
+
+def _array_split(images: np.ndarray, labels: np.ndarray, shuffle: bool) -> Split:
+    """A split held in memory."""
+    images_t, labels_t = tf.constant(images), tf.constant(labels.astype(np.int32))
+    read = lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i))
+    return _indexed_split(len(labels), read, shuffle, lambda i, key: f"example {int(key)}")
+
+
+def digits_source() -> Source:
+    """scikit-learn's 1,797 real 8x8 handwritten digits (bundled, no download), grey to RGB.
+
+    The split is fixed (seeded permutation, 360 held-out images) whatever the run's seed.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    order = np.random.default_rng(20121203).permutation(len(images))
+    test, train = order[:360], order[360:]
+    names = [str(d) for d in range(10)]
+    return Source(
+        "digits",
+        "sklearn-digits-1797",
+        names,
+        _array_split(images[train], data.target[train], shuffle=True),
+        _array_split(images[test], data.target[test], shuffle=False),
+    )
+
+
+def _decode_file(path: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def _folder_split(root: Path, classes: list[str], shuffle: bool) -> Split:
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        d = root / name
+        if not d.is_dir():
+            continue
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += [str(p) for p in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise UsageError(
+            f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/. Put each class's "
+            "images in a sub-folder named after the class."
+        )
+    paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int32)
+    read = lambda i: (_decode_file(tf.gather(paths_t, i)), tf.gather(labels_t, i))
+    return _indexed_split(len(paths), read, shuffle, lambda i, key: paths[int(key)])
+
+
+def imagefolder_source(cfg: ml_collections.ConfigDict) -> Source:
+    """`input.data_dir`/{train_split,eval_split}/<class name>/<image files>."""
+    if not cfg.data_dir:
+        raise UsageError(
+            "input.dataset='imagefolder' needs --config.input.data_dir=DIR, with DIR/"
+            f"{cfg.train_split}/<class>/*.jpg and DIR/{cfg.eval_split}/<class>/*.jpg."
+        )
+    root = Path(cfg.data_dir).expanduser()
+    train_dir, eval_dir = root / cfg.train_split, root / cfg.eval_split
+    for d in (train_dir, eval_dir):
+        if not d.is_dir():
+            raise UsageError(
+                f"Image folder {d} does not exist. input.dataset='imagefolder' reads "
+                f"{root}/{cfg.train_split}/<class>/ and {root}/{cfg.eval_split}/<class>/."
+            )
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    unknown = sorted({p.name for p in eval_dir.iterdir() if p.is_dir()} - set(classes))
+    if unknown:
+        raise UsageError(f"{eval_dir} has classes that {train_dir} lacks: {unknown[:5]}.")
+    return Source(
+        "imagefolder",
+        f"imagefolder:{root.resolve()}",
+        classes,
+        _folder_split(train_dir, classes, shuffle=True),
+        _folder_split(eval_dir, classes, shuffle=False),
+    )
+
+
+def _imagenet_not_prepared(cfg: ml_collections.ConfigDict, data_dir: str) -> UsageError:
+    manual = cfg.manual_dir or os.path.join(data_dir, "downloads", "manual")
+    return UsageError(
+        f"ImageNet (TFDS imagenet2012) is not prepared in {data_dir}. Download "
+        f"{' and '.join(IMAGENET_TARS)} from https://image-net.org (a login is needed), put "
+        f"both in {manual}, then run once:\n"
+        f"  python -m alexnet_jax.prepare_imagenet --data_dir={data_dir} --manual_dir={manual}\n"
+        f"and pass --config.input.data_dir={data_dir} to launch.py."
+    )
+
+
+def _jpeg(raw: tf.Tensor) -> tf.Tensor:
+    return tf.ensure_shape(tf.io.decode_jpeg(raw, channels=3), [None, None, 3])
+
+
+def _tfds_random_access(source: Any, name: str, shuffle: bool) -> Split:
+    """array_record: read only the records this process needs, in any order."""
+
+    def read_np(i: np.ndarray) -> tuple[bytes, np.int32]:
+        example = source[int(i)]
+        return example["image"], np.int32(example["label"])
+
+    def read(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        raw, label = tf.numpy_function(read_np, [i], (tf.string, tf.int32), stateful=False)
+        return _jpeg(raw), tf.ensure_shape(label, [])
+
+    return _indexed_split(len(source), read, shuffle, lambda i, key: f"{name} record {int(key)}")
+
+
+def _tfds_sequential(
+    builder: Any, cfg: ml_collections.ConfigDict, name: str, shuffle: bool
+) -> Split:
+    """TFRecord: no random access, so every process reads every record (and decodes only its
+    own), and a resumed run re-reads its epoch up to its position."""
+
+    def dataset(e: int = 0, seed: int = 0) -> tf.data.Dataset:
+        read = tfds.ReadConfig(shuffle_seed=_epoch_seed(seed, e), interleave_cycle_length=16)
+        ds = builder.as_dataset(
+            split=name,
+            shuffle_files=shuffle,
+            read_config=read,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+        # One dict per key: tf.data would unpack a tuple into two arguments.
+        ds = ds.map(lambda x: {"jpeg": x["image"], "label": tf.cast(x["label"], tf.int32)})
+        if shuffle:
+            ds = ds.shuffle(cfg.shuffle_buffer, seed=_epoch_seed(seed, e))
+        return ds
+
+    dataset()  # builds the reader only; raises AssertionError when nothing was prepared
+    size = builder.info.splits[name].num_examples if name in builder.info.splits else 0
+    if not size:  # split sizes unknown (e.g. TFDS mock data): count the records once
+        size = int(dataset().reduce(np.int64(0), lambda n, _: n + 1))
+    epoch = lambda e, seed, start: dataset(e, seed).skip(start)
+    decode = lambda key: (_jpeg(key["jpeg"]), key["label"])
+    pad = {"jpeg": b"", "label": np.int32(0)}
+    return Split(size, epoch, decode, pad, lambda i, key: f"{name} record {i}")
+
+
+def imagenet_source(cfg: ml_collections.ConfigDict) -> Source:
+    """TFDS imagenet2012: random access when prepared as array_record, else TFRecord reading."""
+    data_dir = os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
+    builder = tfds.builder("imagenet2012", data_dir=data_dir)
+
+    def split(name: str, shuffle: bool) -> Split:
+        try:
+            keep_jpeg = {"image": tfds.decode.SkipDecoding()}
+            return _tfds_random_access(
+                builder.as_data_source(split=name, decoders=keep_jpeg), name, shuffle
+            )
+        except NotImplementedError:  # TFRecord files, or nothing prepared
+            pass
+        try:
+            seq = _tfds_sequential(builder, cfg, name, shuffle)
+        except AssertionError as e:  # TFDS: "could not find data in ..."
+            raise _imagenet_not_prepared(cfg, data_dir) from e
+        logging.warning(
+            "imagenet2012/%s is stored as TFRecord: every process reads every record, and a "
+            "resumed run re-reads its epoch. `python -m alexnet_jax.prepare_imagenet` prepares "
+            "array_record files instead (random access).",
+            name,
+        )
+        return seq
+
+    return Source(
+        "imagenet2012",
+        f"imagenet2012:{data_dir}",
+        imagenet_class_names(),
+        split(cfg.train_split, shuffle=True),
+        split(cfg.eval_split, shuffle=False),
+    )
+
+
+def imagenet_class_names() -> list[str]:
+    path = Path(__file__).with_name("imagenet2012_classes.txt")
+    return [line for line in path.read_text().splitlines() if not line.startswith("#")]
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch]).integers(2**31))
+
+
+def create_source(cfg: ml_collections.ConfigDict) -> Source:
+    """The source named by `cfg.dataset` (the `input` part of the config)."""
+    if cfg.dataset == "digits":
+        return digits_source()
+    if cfg.dataset == "imagenet2012":
+        return imagenet_source(cfg)
+    if cfg.dataset == "imagefolder":
+        return imagefolder_source(cfg)
+    raise UsageError(f"input.dataset={cfg.dataset!r} is unknown; use one of {DATASETS}.")
