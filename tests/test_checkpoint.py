@@ -26,12 +26,17 @@ def test_round_trip(tiny, tmp_path):
     assert not _states_equal(restored, other)
 
 
-def test_a_mismatched_checkpoint_is_refused_and_kept(tiny, tmp_path):
-    config = tiny()
+def _saved_at_step_4(config, workdir):
+    """A fresh state of `config` checkpointed at step 4 in workdir; returns the trainer."""
     trainer = train.Trainer(config, parallel.create_mesh(1, 1))
-    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt = checkpoint.Checkpointer(str(workdir))
     ckpt.save(4, trainer.init_state(0), config, {"class_names": [], "stats": {}})
     ckpt.close()
+    return trainer
+
+
+def test_a_mismatched_checkpoint_is_refused_and_kept(tiny, tmp_path):
+    _saved_at_step_4(tiny(), tmp_path)
     before = sorted(p.name for p in (tmp_path / "checkpoints").rglob("*"))
     wider = tiny(**{"model.width": 0.25})
     match = r"params/fc6/kernel: checkpoint \(32, 512\), this run \(64, 1024\)"
@@ -87,11 +92,7 @@ def test_load_checkpoint_without_checkpoints(tmp_path):
 # Orbax's async reader leaves un-awaited coroutines behind when the data is garbage.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_corrupt_checkpoint_is_named_and_kept(tiny, tmp_path):
-    config = tiny()
-    trainer = train.Trainer(config, parallel.create_mesh(1, 1))
-    ckpt = checkpoint.Checkpointer(str(tmp_path))
-    ckpt.save(4, trainer.init_state(0), config, {"class_names": [], "stats": {}})
-    ckpt.close()
+    trainer = _saved_at_step_4(tiny(), tmp_path)
     state_dir = tmp_path / "checkpoints" / "4" / "state"
     data = [p for p in (state_dir / "ocdbt.process_0" / "d").iterdir() if p.stat().st_size > 1e5]
     assert data
