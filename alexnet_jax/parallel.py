@@ -174,14 +174,19 @@ def _sums(
     return sums
 
 
+def _local(model: AlexNet, mesh: Mesh) -> tuple[AlexNet, bool, int]:
+    """One device's module, whether fc8 is split over MODEL, and how many shards repeat it."""
+    local_model = tower_model(model, mesh)
+    split = local_model.fc8_shards > 1
+    return local_model, split, 1 if split else mesh.shape[MODEL]
+
+
 def make_loss_fn(model: AlexNet, params: Any, mesh: Mesh) -> Callable:
     """(params, images, labels, masks) -> (mean loss, metric sums), sharded over `mesh`.
 
     `masks` is () when dropout is off, else the two keep-masks of the global batch.
     """
-    local_model = tower_model(model, mesh)
-    split = local_model.fc8_shards > 1
-    copies = 1 if split else mesh.shape[MODEL]
+    local_model, split, copies = _local(model, mesh)
 
     def local(params, images, labels, masks):
         logits = local_model.apply(
@@ -204,9 +209,7 @@ def make_loss_fn(model: AlexNet, params: Any, mesh: Mesh) -> Callable:
 
 def make_eval_fn(model: AlexNet, params: Any, mesh: Mesh, ten_crop: bool) -> Callable:
     """(params, images, labels, weights) -> metric sums; ten_crop images are [B, 10, H, W, 3]."""
-    local_model = tower_model(model, mesh)
-    split = local_model.fc8_shards > 1
-    copies = 1 if split else mesh.shape[MODEL]
+    local_model, split, copies = _local(model, mesh)
 
     def local(params, images, labels, weights):
         if ten_crop:

@@ -148,7 +148,7 @@ class Trainer:
     """The jitted pieces of one run, built once for a config and a mesh."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-        self.config, self.mesh = config, mesh
+        self.mesh = mesh
         c = config
         self.model = build_model(c)
         self.tx = make_optimizer(c.optimizer)
@@ -156,10 +156,8 @@ class Trainer:
         self.schedule = make_schedule(c.optimizer)
         self.image_size = c.input.image_size
         self.abstract_state = jax.eval_shape(self._init, jax.random.PRNGKey(0))
-        self.specs = parallel.param_specs(self.model, self.abstract_state.params, self.mesh)
-        self.shardings = parallel.state_shardings(
-            self.tx, self.abstract_state, self.specs, self.mesh
-        )
+        specs = parallel.param_specs(self.model, self.abstract_state.params, self.mesh)
+        self.shardings = parallel.state_shardings(self.tx, self.abstract_state, specs, self.mesh)
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             self.abstract_state,
@@ -295,7 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     trainer = Trainer(config, mesh)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    ckpt.check_compatible(trainer.abstract_state)  # before anything is computed or written
+    # Restore (which refuses a mismatched checkpoint) before anything is written.
+    state = ckpt.restore(trainer.abstract_state)
     stats = input_pipeline.get_stats(source, config.input, workdir, write=pid == 0)
     data_meta = {"class_names": source.class_names, "stats": dataclasses.asdict(stats)}
     B = config.batch_size
@@ -312,7 +311,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         B,
     )
 
-    state = ckpt.restore(trainer.abstract_state)
     if state is None:
         state = trainer.init_state(config.seed)
     else:
@@ -357,15 +355,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     batches = input_pipeline.iterate(ds, source.train)
     pending, t_log, last_log, eval_metrics = None, time.time(), start, {}
-    finite, previous = jnp.bool_(True), None  # on device: no host sync per step
+    previous = None
     for step in range(start + 1, total + 1):
         state, m = trainer.train_step(state, parallel.global_batch(mesh, next(batches)))
         wait_for(previous)
         previous = m
         pending = m if pending is None else jax.tree.map(jnp.add, pending, m)
-        finite = finite & jnp.isfinite(m["loss"])
         saving = step % config.checkpoint_every_steps == 0 or step == total
-        if (saving or step % config.log_every_steps == 0) and not bool(finite):
+        # pending sums every step since the last log, so one NaN anywhere shows here.
+        if (saving or step % config.log_every_steps == 0) and not jnp.isfinite(pending["loss"]):
             last = ckpt.latest_step()
             raise UsageError(
                 f"The training loss became NaN or infinite by step {step}. Lower "
