@@ -190,3 +190,10 @@ def test_mesh_checks_per_process():
     with pytest.raises(UsageError, match="must use all 8 devices of a multi-process run"):
         parallel.check_mesh(2, 2, 2, 8, num_devices=8, process_count=2)
     parallel.check_mesh(-1, 2, 2, 8, num_devices=8, process_count=2)  # fine: no exception
+
+
+def test_a_diverging_run_stops_before_saving_a_nan_state(tiny, tmp_path):
+    config = tiny(**{"optimizer.learning_rate": 1e6, "log_every_steps": 8})
+    with pytest.raises(UsageError, match="loss became NaN or infinite by step 4"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))  # the NaN state was not saved
