@@ -58,8 +58,12 @@ class Source:
         return len(self.class_names)
 
 
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+def _permutation(n: int, seed: int, epoch: int) -> tf.Tensor:
+    """A permutation of range(n) that depends only on (seed, epoch): the argsort of stateless
+    random int64 keys (collisions are negligible; the stable sort settles them anyway)."""
+    seeds = tf.constant([seed, epoch], tf.int64)
+    keys = tf.random.stateless_uniform([n], seeds, minval=None, maxval=None, dtype=tf.int64)
+    return tf.cast(tf.argsort(keys, stable=True), tf.int64)
 
 
 def _indexed_split(
@@ -71,8 +75,12 @@ def _indexed_split(
     """A random-access split: keys are example indices, permuted per (seed, epoch)."""
 
     def epoch(e: int, seed: int, start: int) -> tf.data.Dataset:
-        order = _permutation(size, seed, e) if shuffle else np.arange(size, dtype=np.int64)
-        return tf.data.Dataset.from_tensor_slices(order[start:])
+        if not shuffle:
+            return tf.data.Dataset.range(start, size)
+        # Computed when the epoch is reached, not embedded as a constant: a 90-epoch ImageNet
+        # stream would otherwise hold 90 permutations of 1.28M indices from the start.
+        order = tf.data.Dataset.from_tensors(np.int64(0)).map(lambda _: _permutation(size, seed, e))
+        return order.unbatch().skip(start)
 
     return Split(size, epoch, read, np.int64(0), describe)
 

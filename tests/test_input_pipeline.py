@@ -285,7 +285,9 @@ def test_processes_read_disjoint_examples():
         )
         labels.append(np.concatenate([b["labels"] for b in ip.iterate(ds, src.train)]))
         reads.append(set(log))
-    order = sources._permutation(40, 0, 0).reshape(5, 2, 4)  # epoch 0: 5 global batches of 2 x 4
+    order = (
+        sources._permutation(40, 0, 0).numpy().reshape(5, 2, 4)
+    )  # epoch 0: 5 global batches of 2 x 4
     for index in range(2):
         own = set(order[:, index].ravel().tolist())  # this process's rows of every batch
         assert reads[index] <= own  # tf.data may read ahead, but only its own rows
