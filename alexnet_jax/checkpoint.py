@@ -1,5 +1,5 @@
-"""Orbax checkpoints: periodic saves with the config beside the state, auto-resume, and
-`load_checkpoint` for notebooks on whatever devices the caller has."""
+"""Orbax checkpoints in workdir/checkpoints: the train state with the config and what predict
+needs of the data beside it; periodic saves, auto-resume, and reads onto any devices."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from alexnet_jax.errors import UsageError
+
+# The layout of the saved train state's tree, stored with every checkpoint (absent: 1). A run
+# resumes only its own layout; the parameters load whatever the layout (`read`).
+STATE_LAYOUT = 2
+LAYOUT_CHANGES = {2: "the optimizer's learning rate became a hyperparameter set by name"}
 
 
 def _name(key: Any) -> str:
@@ -42,34 +46,64 @@ def describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> list
     return lines
 
 
-def _handlers() -> dict[str, ocp.CheckpointHandler]:
-    """Named handlers, so a fresh manager can read metadata before any restore."""
-    return {
-        "state": ocp.StandardCheckpointHandler(),
-        "config": ocp.JsonCheckpointHandler(),
-        "data": ocp.JsonCheckpointHandler(),
-    }
+@dataclasses.dataclass
+class Saved:
+    """One checkpoint as `Checkpointer.read` returns it."""
+
+    step: int
+    state: Any  # the train state as a nested dict of arrays
+    config: ml_collections.ConfigDict
+    data: dict  # class_names, stats (see train.py)
 
 
 class Checkpointer:
     """workdir/checkpoints: the train state, the config and what predict needs of the data
     (class names, input statistics), saved together at a step."""
 
-    def __init__(self, workdir: str, keep: int = 3):
+    def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
         self.directory = Path(workdir).expanduser().resolve() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(
+                f"No checkpoints in {self.directory}: train first with "
+                f"`python launch.py --config=... --workdir={workdir}`."
+            )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only
+        )
+        # Named handlers, so a fresh manager can read metadata before any restore.
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+        }
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=_handlers()
+            self.directory, options=options, item_handlers=handlers
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def check_compatible(self, abstract_state: Any) -> None:
-        """Refuse (before anything is written) a checkpoint whose arrays differ from this run's."""
+        """Refuse (before anything is written) a checkpoint this run cannot resume: another
+        layout of the train state, or arrays of other shapes (another model config)."""
         step = self.latest_step()
         if step is None:
             return
+        layout = self._read(
+            step,
+            lambda: self.manager.restore(
+                step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
+            ),
+        )["data"].get("state_layout", 1)
+        if layout != STATE_LAYOUT:
+            changes = [LAYOUT_CHANGES[v] for v in range(layout + 1, STATE_LAYOUT + 1)]
+            raise UsageError(
+                f"The checkpoint at step {step} in {self.directory} predates a change of the "
+                f"train state's layout ({'; '.join(changes) or 'a newer version wrote it'}): it "
+                f"has layout {layout}, this version resumes layout {STATE_LAYOUT}. Its parameters "
+                "still load with alexnet_jax.load_checkpoint. Use a new --workdir, or finish the "
+                "run with the version of alexnet_jax that wrote it. Nothing was changed."
+            )
         saved = flat_shapes(
             self._read(step, lambda: self.manager.item_metadata(step)["state"].tree)
         )
@@ -93,6 +127,24 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         return self._read(step, lambda: self.manager.restore(step, args=args))["state"]
 
+    def read(self, step: int | None, sharding: jax.sharding.Sharding) -> Saved:
+        """Checkpoint `step` (default: the newest) with every array on `sharding`, whatever
+        mesh wrote it: the target is built from the saved metadata, not from a config."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory} holds no finished checkpoint.")
+        meta = self._read(step, lambda: self.manager.item_metadata(step)["state"].tree)
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta
+        )
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            config=ocp.args.JsonRestore(),
+            data=ocp.args.JsonRestore(),
+        )
+        r = self._read(step, lambda: self.manager.restore(step, args=args))
+        return Saved(int(step), r["state"], ml_collections.ConfigDict(r["config"]), r["data"])
+
     def _read(self, step: int, read: Callable[[], Any]) -> Any:
         try:
             return read()
@@ -110,74 +162,10 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 config=ocp.args.JsonSave(config.to_dict()),
-                data=ocp.args.JsonSave(data),
+                data=ocp.args.JsonSave({**data, "state_layout": STATE_LAYOUT}),
             ),
         )
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-@dataclasses.dataclass
-class Restored:
-    """What `load_checkpoint` returns; `predict` maps uint8 NHWC images to class probabilities."""
-
-    model: Any
-    params: Any
-    config: ml_collections.ConfigDict
-    step: int
-    class_names: list[str]
-    predict: Callable[[np.ndarray], np.ndarray]
-
-
-def load_checkpoint(
-    workdir: str, step: int | None = None, device: jax.Device | None = None
-) -> Restored:
-    """Restore a run's parameters onto one device (default: the first), whatever mesh wrote them."""
-    from alexnet_jax import input_pipeline, train  # train imports this module
-
-    directory = Path(workdir).expanduser().resolve() / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"No checkpoints in {directory}: train first with "
-            f"`python launch.py --config=... --workdir={workdir}`."
-        )
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    manager = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
-    meta = manager.item_metadata(step)["state"].tree
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            config=ocp.args.JsonRestore(),
-            data=ocp.args.JsonRestore(),
-        ),
-    )
-    manager.close()
-    config = ml_collections.ConfigDict(restored["config"])
-    model = train.build_model(config)
-    params = restored["state"]["params"]
-    data = restored["data"]
-    stats = input_pipeline.Stats.from_dict(data["stats"])
-    apply = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)))
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise UsageError(f"predict wants uint8 images [N, H, W, 3], got {images.shape}.")
-        if images.shape[-1] == 1:
-            images = np.repeat(images, 3, axis=-1)
-        cfg = config.input.copy_and_resolve_references()
-        cfg.eval_ten_crop = False
-        batch = np.stack([input_pipeline.eval_preprocess(im, stats, cfg).numpy() for im in images])
-        return np.asarray(apply(params, batch))
-
-    return Restored(model, params, config, int(step), list(data["class_names"]), predict)

@@ -76,24 +76,49 @@ def pca_lighting(image: tf.Tensor, stats: Stats, std: float, seed: tf.Tensor) ->
     return image + shift
 
 
-def train_preprocess(
-    image: tf.Tensor, seed: tf.Tensor, stats: Stats, cfg: ml_collections.ConfigDict
-) -> tf.Tensor:
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """What the train and eval transforms need: the data's statistics and the input options."""
+
+    stats: Stats
+    image_size: int  # side of the crops the model sees
+    resize_size: int  # shorter side, then the central square
+    random_flip: bool = False
+    pca_lighting_std: float = 0.0  # 0: no colour lighting
+    divide_by_std: bool = False  # False: mean-subtracted 0-255 RGB, as the paper fed it
+    ten_crop: bool = False  # eval: the paper's ten patches instead of the centre crop
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, stats: Stats) -> Preprocess:
+        """From a config's `input` section."""
+        return cls(
+            stats,
+            cfg.image_size,
+            cfg.resize_size,
+            cfg.random_flip,
+            cfg.pca_lighting_std,
+            cfg.divide_by_std,
+            cfg.eval_ten_crop,
+        )
+
+
+def train_preprocess(image: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
+    """Central square, random crop, random mirror, PCA lighting, normalisation (section 4.1)."""
     crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    image = resize_square(image, cfg.resize_size)
-    image = tf.image.stateless_random_crop(image, [cfg.image_size, cfg.image_size, 3], crop_seed)
-    if cfg.random_flip:
+    image = resize_square(image, p.resize_size)
+    image = tf.image.stateless_random_crop(image, [p.image_size, p.image_size, 3], crop_seed)
+    if p.random_flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    if cfg.pca_lighting_std > 0:
-        image = pca_lighting(image, stats, cfg.pca_lighting_std, light_seed)
-    return normalize(image, stats, cfg)
+    if p.pca_lighting_std > 0:
+        image = pca_lighting(image, p.stats, p.pca_lighting_std, light_seed)
+    return normalize(image, p)
 
 
-def normalize(image: tf.Tensor, stats: Stats, cfg: ml_collections.ConfigDict) -> tf.Tensor:
+def normalize(image: tf.Tensor, p: Preprocess) -> tf.Tensor:
     """Subtract the mean (the paper's 0-255 units); optionally divide by the channel std."""
-    image = image - tf.constant(stats.mean, tf.float32)
-    if cfg.divide_by_std:
-        image = image / tf.constant(np.maximum(stats.std(), 1.0), tf.float32)
+    image = image - tf.constant(p.stats.mean, tf.float32)
+    if p.divide_by_std:
+        image = image / tf.constant(np.maximum(p.stats.std(), 1.0), tf.float32)
     return image
 
 
@@ -107,15 +132,15 @@ def ten_crops(square: tf.Tensor, size: int) -> tf.Tensor:
     return tf.stack(crops)
 
 
-def eval_preprocess(image: tf.Tensor, stats: Stats, cfg: ml_collections.ConfigDict) -> tf.Tensor:
-    """Centre crop [H, W, 3], or the ten patches [10, H, W, 3] when `cfg.eval_ten_crop`."""
-    square = resize_square(image, cfg.resize_size)
-    if cfg.eval_ten_crop:
-        crops = ten_crops(square, cfg.image_size)
+def eval_preprocess(image: tf.Tensor, p: Preprocess) -> tf.Tensor:
+    """Centre crop [H, W, 3], or the ten patches [10, H, W, 3] when `p.ten_crop`."""
+    square = resize_square(image, p.resize_size)
+    if p.ten_crop:
+        crops = ten_crops(square, p.image_size)
     else:
-        offset = (cfg.resize_size - cfg.image_size) // 2
-        crops = tf.slice(square, [offset, offset, 0], [cfg.image_size, cfg.image_size, 3])
-    return normalize(crops, stats, cfg)
+        offset = (p.resize_size - p.image_size) // 2
+        crops = tf.slice(square, [offset, offset, 0], [p.image_size, p.image_size, 3])
+    return normalize(crops, p)
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -150,18 +175,18 @@ def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
 
 
 def get_stats(
-    source: Source, cfg: ml_collections.ConfigDict, workdir: str | None, write: bool = True
+    source: Source, resize_size: int, max_images: int, workdir: str | None, write: bool = True
 ) -> Stats:
     """ImageNet's built-in statistics, else the training split's, cached in workdir."""
     if source.name == "imagenet2012":
         return IMAGENET_STATS
-    key = f"{source.fingerprint}|resize={cfg.resize_size}|max={cfg.stats_max_images}"
+    key = f"{source.fingerprint}|resize={resize_size}|max={max_images}"
     path = Path(workdir) / "input_stats.json" if workdir else None
     if path is not None and path.exists():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return Stats.from_dict(cached)
-    stats = compute_stats(source.train, cfg.resize_size, cfg.stats_max_images)
+    stats = compute_stats(source.train, resize_size, max_images)
     if path is not None and write:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -186,8 +211,7 @@ def _process_slice(ds: tf.data.Dataset, batch: int, index: int, count: int) -> t
 
 def train_dataset(
     source: Source,
-    cfg: ml_collections.ConfigDict,
-    stats: Stats,
+    preprocess: Preprocess,
     *,
     seed: int,
     batch_size: int,
@@ -210,7 +234,7 @@ def train_dataset(
     def prepare(g, key):
         image, label = source.train.decode(key)
         example_seed = tf.stack([tf.constant(seed, tf.int64), g])
-        return {"images": train_preprocess(image, example_seed, stats, cfg), "labels": label}
+        return {"images": train_preprocess(image, example_seed, preprocess), "labels": label}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size // process_count, drop_remainder=True)
@@ -219,8 +243,7 @@ def train_dataset(
 
 def eval_dataset(
     source: Source,
-    cfg: ml_collections.ConfigDict,
-    stats: Stats,
+    preprocess: Preprocess,
     *,
     batch_size: int,
     process_index: int = 0,
@@ -239,7 +262,7 @@ def eval_dataset(
             lambda: split.decode(key),
             lambda: (tf.zeros([1, 1, 3], tf.uint8), tf.constant(0, tf.int32)),
         )
-        return {"images": eval_preprocess(image, stats, cfg), "labels": label, "weights": weight}
+        return {"images": eval_preprocess(image, preprocess), "labels": label, "weights": weight}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size // process_count, drop_remainder=True).prefetch(AUTOTUNE)

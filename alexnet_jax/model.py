@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -53,12 +53,9 @@ OWT_CONVS = (
 )
 FC_FEATURES = 4096
 VARIANTS = ("paper", "owt")
-
-
-def variant_convs(variant: str) -> tuple[ConvSpec, ...]:
-    if variant not in VARIANTS:
-        raise UsageError(f"model.variant={variant!r} is unknown; use one of {VARIANTS}.")
-    return PAPER_CONVS if variant == "paper" else OWT_CONVS
+DTYPES = ("float32", "bfloat16")
+ACTIVATIONS = ("relu", "tanh")
+WEIGHT_INITS = ("paper", "he")
 
 
 def per_tower(features: int, width: float, towers: int) -> int:
@@ -87,38 +84,15 @@ def _pool_out(size: int, overlap: bool) -> int:
     return (size - window) // 2 + 1
 
 
-def feature_shapes(
-    variant: str = "paper",
-    image_size: int = 227,
-    width: float = 1.0,
-    towers: int = 2,
-    overlap_pool: bool = True,
-) -> list[tuple[str, tuple[int, int, int]]]:
-    """Analytic (name, (H, W, C)) of every conv and pool output, without tracing the model."""
-    shapes, size = [], image_size
-    for spec in variant_convs(variant):
-        size = (size + 2 * spec.padding - spec.kernel) // spec.stride + 1
-        channels = per_tower(spec.features, width, towers) * towers
-        shapes.append((spec.name, (size, size, channels)))
-        if spec.pool:
-            size = _pool_out(size, overlap_pool)
-            shapes.append((f"{spec.name}_pool", (size, size, channels)))
-    return shapes
-
-
-def min_image_size(variant: str = "paper", overlap_pool: bool = True) -> int:
-    size = 1
-    while feature_shapes(variant, size, 1.0, 1, overlap_pool)[-1][1][0] < 1:
-        size += 1
-    return size
+def _dtype_name(dtype: Any) -> str | None:
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        return None
 
 
 def _kernel_init(init: str) -> Any:
-    if init == "paper":
-        return nn.initializers.normal(stddev=0.01)
-    if init == "he":
-        return nn.initializers.he_normal()
-    raise UsageError(f"model.weight_init={init!r} is unknown; use 'paper' or 'he'.")
+    return nn.initializers.normal(stddev=0.01) if init == "paper" else nn.initializers.he_normal()
 
 
 class _Weights(nn.Module):
@@ -142,6 +116,9 @@ class AlexNet(nn.Module):
 
     Parameter layout (whatever the mesh): conv kernels HWIO, grouped convs in the layout of
     `nn.Conv(feature_group_count=towers)`, output channels [0:C/towers] belong to tower 0.
+
+    The fields up to `weight_init` are the config's `model` keys: a new model option is one
+    field here (validated in `_check`) and one line in configs/alexnet.py.
     """
 
     variant: str = "paper"  # 'paper' (2012) or 'owt' (Krizhevsky 2014, torchvision)
@@ -152,10 +129,58 @@ class AlexNet(nn.Module):
     lrn: bool | None = None  # None: on for 'paper', off for 'owt'
     overlap_pool: bool = True  # 3x3 stride 2 windows (the paper) or 2x2 stride 2
     dropout_rate: float = 0.5
-    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    dtype: Any = jnp.float32  # compute dtype or its name; parameters stay float32
     weight_init: str = "paper"  # 'paper': N(0, 0.01) and biases of 1; 'he': He-normal, zero biases
     tower_axis: str | None = None  # mesh axis the towers are split over (set by parallel.py)
     tower_shards: int = 1  # size of tower_axis
+
+    @classmethod
+    def from_config(cls, fields: Mapping[str, Any]) -> AlexNet:
+        """The module for a config's `model` section, whose keys are this module's fields."""
+        return cls(**fields)
+
+    def __post_init__(self) -> None:
+        self._check()
+        super().__post_init__()
+
+    def _check(self) -> None:
+        """Every field's validation, as a UsageError naming the config key and the fix."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UsageError(message)
+
+        need(
+            self.variant in VARIANTS,
+            f"model.variant={self.variant!r} is unknown; use one of {VARIANTS}.",
+        )
+        need(self.towers in (None, 1, 2), f"model.towers={self.towers} must be 1 or 2.")
+        need(
+            self.variant == "paper" or self.num_towers == 1,
+            "model.variant='owt' has no towers: towers=1.",
+        )
+        need(self.width > 0, f"model.width={self.width} must be positive.")
+        need(self.num_classes > 0, f"model.num_classes={self.num_classes} must be positive.")
+        need(
+            self.activation in ACTIVATIONS,
+            f"model.activation={self.activation!r} is unknown; use one of {ACTIVATIONS}.",
+        )
+        need(
+            _dtype_name(self.dtype) in DTYPES,
+            f"model.dtype={self.dtype!r} is unknown; use one of {DTYPES}.",
+        )
+        need(
+            self.weight_init in WEIGHT_INITS,
+            f"model.weight_init={self.weight_init!r} is unknown; use one of {WEIGHT_INITS}.",
+        )
+        need(
+            0 <= self.dropout_rate < 1,
+            f"model.dropout_rate={self.dropout_rate} must be in [0, 1).",
+        )
+        need(
+            self.tower_shards >= 1 and self.num_towers % self.tower_shards == 0,
+            f"{self.num_towers} towers do not split over {self.tower_shards} devices.",
+        )
 
     @property
     def num_towers(self) -> int:
@@ -166,6 +191,10 @@ class AlexNet(nn.Module):
         return self.lrn if self.lrn is not None else self.variant == "paper"
 
     @property
+    def convs(self) -> tuple[ConvSpec, ...]:
+        return PAPER_CONVS if self.variant == "paper" else OWT_CONVS
+
+    @property
     def fc8_shards(self) -> int:
         """fc8 is split over the tower axis when the classes divide evenly, else replicated."""
         return self.tower_shards if self.num_classes % self.tower_shards == 0 else 1
@@ -173,13 +202,30 @@ class AlexNet(nn.Module):
     def fc_features(self) -> int:
         return per_tower(FC_FEATURES, self.width, self.num_towers) * self.num_towers
 
+    def feature_shapes(self, image_size: int) -> list[tuple[str, tuple[int, int, int]]]:
+        """(name, (H, W, C)) of every conv and pool output, all towers together, untraced."""
+        shapes, size = [], image_size
+        for spec in self.convs:
+            size = (size + 2 * spec.padding - spec.kernel) // spec.stride + 1
+            channels = per_tower(spec.features, self.width, self.num_towers) * self.num_towers
+            shapes.append((spec.name, (size, size, channels)))
+            if spec.pool:
+                size = _pool_out(size, self.overlap_pool)
+                shapes.append((f"{spec.name}_pool", (size, size, channels)))
+        return shapes
+
+    def min_image_size(self) -> int:
+        """The smallest input whose last pooling still has an output (67 for the paper)."""
+        size = 1
+        while self.feature_shapes(size)[-1][1][0] < 1:
+            size += 1
+        return size
+
     def dropout_features(self, image_size: int) -> tuple[int, int]:
         """Global feature sizes of the two dropout masks (paper: fc6, fc7 outputs; owt: inputs)."""
         if self.variant == "paper":
             return (self.fc_features(), self.fc_features())
-        h, w, c = feature_shapes(
-            self.variant, image_size, self.width, self.num_towers, self.overlap_pool
-        )[-1][1]
+        h, w, c = self.feature_shapes(image_size)[-1][1]
         return (h * w * c, self.fc_features())
 
     def _gather(self, x: jax.Array) -> jax.Array:
@@ -192,11 +238,7 @@ class AlexNet(nn.Module):
         return _Weights(tuple(shape), self.weight_init, bias_value, name=name)()
 
     def _act(self, x: jax.Array) -> jax.Array:
-        if self.activation == "relu":
-            return nn.relu(x)
-        if self.activation == "tanh":
-            return jnp.tanh(x)
-        raise UsageError(f"model.activation={self.activation!r} is unknown; use 'relu' or 'tanh'.")
+        return nn.relu(x) if self.activation == "relu" else jnp.tanh(x)
 
     def _conv(self, spec: ConvSpec, x: jax.Array, bias_value: float) -> jax.Array:
         towers = self.num_towers
@@ -251,7 +293,7 @@ class AlexNet(nn.Module):
         towers, local_towers = self.num_towers, self.num_towers // self.tower_shards
         window = (3, 3) if self.overlap_pool else (2, 2)
         paper_bias = {"conv2": 1.0, "conv4": 1.0, "conv5": 1.0}
-        for spec in variant_convs(self.variant):
+        for spec in self.convs:
             if spec.name == "conv3":
                 x = self._gather(x)
             x = self._act(self._conv(spec, x, paper_bias.get(spec.name, 0.0)))
@@ -280,10 +322,3 @@ class AlexNet(nn.Module):
 
 def param_count(params: Any) -> int:
     return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-
-
-def init_params(model: AlexNet, image_size: int, seed: int | jax.Array = 0) -> dict:
-    """Parameters of `model` for square inputs of `image_size` (a nested dict, see DESIGN.md)."""
-    key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return model.init(key, x, train=False)["params"]

@@ -80,18 +80,28 @@ def create_mesh(data: int, model: int) -> Mesh:
     )
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A copy on every device of `mesh`: scalars, the plateau state, metric sums."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Rows split over DATA, replicated over MODEL: images, labels, weights."""
+    return NamedSharding(mesh, P(DATA))
+
+
 def tower_model(model: AlexNet, mesh: Mesh) -> AlexNet:
     """The module as one device of `mesh` runs it: its towers' slice, gathering over MODEL."""
     return model.clone(tower_axis=MODEL, tower_shards=mesh.shape[MODEL])
 
 
 def param_specs(model: AlexNet, params: Any, mesh: Mesh) -> Any:
-    """P(..., MODEL) on the output axis of every layer when the towers are split, else P()."""
-    shards = mesh.shape[MODEL]
+    """P(..., MODEL) on the output axis of every layer the device model splits, else P()."""
+    local = tower_model(model, mesh)
 
     def spec(path: tuple, leaf: Any) -> P:
         layer = path[0].key
-        if shards == 1 or (layer == "fc8" and model.num_classes % shards):
+        if local.tower_shards == 1 or (layer == "fc8" and local.fc8_shards == 1):
             return P()
         return P(*([None] * (len(leaf.shape) - 1)), MODEL)
 
@@ -101,16 +111,16 @@ def param_specs(model: AlexNet, params: Any, mesh: Mesh) -> Any:
 def state_shardings(tx: optax.GradientTransformation, state: Any, specs: Any, mesh: Mesh) -> Any:
     """Shardings of a train state: optimizer slots follow their parameters, the rest replicated."""
     named = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-    replicated = NamedSharding(mesh, P())
+    copy = replicated(mesh)
     opt = optax.tree_map_params(
-        tx, lambda _, s: s, state.opt_state, named, transform_non_params=lambda _: replicated
+        tx, lambda _, s: s, state.opt_state, named, transform_non_params=lambda _: copy
     )
     return state.replace(
-        step=replicated,
+        step=copy,
         params=named,
         opt_state=opt,
-        rng=replicated,
-        plateau=jax.tree.map(lambda _: replicated, state.plateau),
+        rng=copy,
+        plateau=jax.tree.map(lambda _: copy, state.plateau),
     )
 
 
@@ -121,7 +131,7 @@ def mask_spec(mesh: Mesh) -> P:
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded over DATA (rows of process i are slice i)."""
-    sharding = NamedSharding(mesh, P(DATA))
+    sharding = batch_sharded(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 

@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from alexnet_jax import parallel, train
-from alexnet_jax.model import feature_shapes
+from alexnet_jax.model import AlexNet
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 _OP = re.compile(
@@ -136,13 +135,12 @@ class Expected:
     batch_per_shard: int
 
 
-def expected(config: ml_collections.ConfigDict, mesh: Mesh, params: dict) -> Expected:
-    m, n, d = config.model, mesh.shape[parallel.MODEL], mesh.shape[parallel.DATA]
-    b = config.batch_size // d
-    maps = dict(
-        feature_shapes(m.variant, config.input.image_size, m.width, m.towers, m.overlap_pool)
-    )
-    model = train.build_model(config)
+def expected(
+    model: AlexNet, image_size: int, batch_size: int, mesh: Mesh, params: dict
+) -> Expected:
+    n, d = mesh.shape[parallel.MODEL], mesh.shape[parallel.DATA]
+    b = batch_size // d
+    maps = dict(model.feature_shapes(image_size))
     fc = model.fc_features()
     gathers = (
         {
@@ -154,7 +152,7 @@ def expected(config: ml_collections.ConfigDict, mesh: Mesh, params: dict) -> Exp
         if n > 1
         else {}
     )
-    act = jnp.dtype(train.DTYPES[m.dtype]).itemsize
+    act = jnp.dtype(model.dtype).itemsize
     gather_bytes = 2 * sum((n - 1) / n * math.prod(s) * act for s in gathers.values())
     specs = parallel.param_specs(model, params, mesh)
     local = sum(
@@ -201,7 +199,7 @@ def label(found: list[Collective], exp: Expected, n_model: int) -> None:
 def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple:
     trainer = train.Trainer(config, mesh)
     s = config.input.image_size
-    shard = NamedSharding(mesh, P(parallel.DATA))
+    shard = parallel.batch_sharded(mesh)
     batch = {
         "images": jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.float32, sharding=shard),
         "labels": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=shard),
@@ -233,7 +231,13 @@ def report(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[str, list, Ex
     """The printed report, the labelled collectives, the expected pattern and the memory."""
     compiled, trainer = compile_train_step(config, mesh)
     found = collectives(compiled.as_text(), mesh)
-    exp = expected(config, mesh, trainer.abstract_state.params)
+    exp = expected(
+        trainer.model,
+        config.input.image_size,
+        config.batch_size,
+        mesh,
+        trainer.abstract_state.params,
+    )
     label(found, exp, mesh.shape[parallel.MODEL])
     mem = peak_bytes(compiled)
     rows = [

@@ -1,4 +1,5 @@
-"""8 simulated CPU devices, strict rank promotion and a persistent compilation cache."""
+"""8 simulated CPU devices, strict rank promotion, a persistent compilation cache, and the one
+tiny configuration the tests train with."""
 
 import os
 from pathlib import Path
@@ -16,27 +17,64 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The digits demo shrunk to run in seconds: 1/8 width, 67x67 inputs, batch 16, 8 steps.
+TINY = {
+    "batch_size": 16,
+    "num_train_steps": 8,
+    "log_every_steps": 4,
+    "eval_every_steps": 4,
+    "checkpoint_every_steps": 4,
+    "model.width": 0.125,
+    "input.image_size": 67,
+    "input.resize_size": 72,
+}
+
 
 def tiny_config(**overrides):
-    """The digits demo shrunk to run in seconds: 1/8 width, 67x67 inputs, batch 16."""
+    """configs/digits.py with TINY and then `overrides` ({'model.width': 0.25, ...}) applied."""
     from configs import digits
 
     config = digits.get_config()
-    config.batch_size = 16
-    config.num_train_steps = 8
-    config.log_every_steps = 4
-    config.eval_every_steps = 4
-    config.checkpoint_every_steps = 4
-    config.model.width = 0.125
-    config.input.image_size = 67
-    config.input.resize_size = 72
-    for key, value in overrides.items():
+    for key, value in {**TINY, **overrides}.items():
         node = config
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
     return config
+
+
+def tiny_flags(**overrides) -> list[str]:
+    """The same as launch.py flags: --config.KEY=VALUE for TINY and then `overrides`."""
+    return [f"--config.{key}={value}" for key, value in {**TINY, **overrides}.items()]
+
+
+def write_folder(root: Path, classes=("cat", "dog"), per_class=3, bad=None) -> None:
+    """root/{train,validation}/<class>/<i>.png; class k's images are filled with 40 k + i, so
+    each pixel tells its label. `bad`: a file name in train/<first class> that is no image."""
+    import numpy as np
+    import tensorflow as tf
+
+    for split in ("train", "validation"):
+        for k, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                img = np.full((20 + i, 30, 3), 40 * k + i, np.uint8)
+                (d / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
+    if bad:
+        (root / "train" / classes[0] / bad).write_bytes(b"not an image at all")
+
+
+@pytest.fixture(scope="session")
+def trained_on_4x2(tmp_path_factory):
+    """A 4-step tiny run on mesh (4, 2), one tower per device: (config, workdir). Read only."""
+    from alexnet_jax import train
+
+    workdir = tmp_path_factory.mktemp("mesh42")
+    config = tiny_config(**{"mesh.data": 4, "mesh.model": 2, "num_train_steps": 4})
+    train.train_and_evaluate(config, str(workdir))
+    return config, workdir
 
 
 @pytest.fixture

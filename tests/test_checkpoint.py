@@ -1,10 +1,16 @@
-"""Checkpoint round trip, refusal of a mismatched workdir, load_checkpoint across meshes."""
+"""Checkpoint round trip, the newest of several restored, refusal of a checkpoint this run
+cannot resume (another model, an earlier state layout), damaged files, moves between meshes."""
+
+import dataclasses
+import json
+import shutil
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from alexnet_jax import UsageError, checkpoint, load_checkpoint, parallel, train
+from alexnet_jax import UsageError, checkpoint, input_pipeline, load_checkpoint, parallel, train
 
 
 def _states_equal(a, b) -> bool:
@@ -26,54 +32,89 @@ def test_round_trip(tiny, tmp_path):
     assert not _states_equal(restored, other)
 
 
-def _saved_at_step_4(config, workdir):
-    """A fresh state of `config` checkpointed at step 4 in workdir; returns the trainer."""
+def test_the_newest_of_several_checkpoints_is_restored(tiny, tmp_path):
+    config = tiny()
+    trainer = train.Trainer(config, parallel.create_mesh(1, 1))
+    states = {step: trainer.init_state(seed) for step, seed in ((2, 0), (6, 1), (4, 2))}
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3)
+    for step, state in states.items():  # saved out of order: the newest is the highest step
+        ckpt.save(step, state, config, {"class_names": [], "stats": {}})
+    ckpt.close()
+    reader = checkpoint.Checkpointer(str(tmp_path))
+    assert reader.latest_step() == 6
+    restored = reader.restore(trainer.abstract_state)
+    assert _states_equal(restored, states[6])
+    assert not _states_equal(restored, states[4]) and not _states_equal(restored, states[2])
+
+
+def _saved_at_step_4(config, workdir, state=None):
+    """A fresh state of `config` (or `state`) checkpointed at step 4; returns the trainer."""
     trainer = train.Trainer(config, parallel.create_mesh(1, 1))
     ckpt = checkpoint.Checkpointer(str(workdir))
-    ckpt.save(4, trainer.init_state(0), config, {"class_names": [], "stats": {}})
+    state = trainer.init_state(0) if state is None else state
+    stats = dataclasses.asdict(input_pipeline.IMAGENET_STATS)
+    ckpt.save(4, state, config, {"class_names": list("0123456789"), "stats": stats})
     ckpt.close()
     return trainer
 
 
+def _files(workdir):
+    return sorted((p.name, p.stat().st_size) for p in (workdir / "checkpoints").rglob("*"))
+
+
 def test_a_mismatched_checkpoint_is_refused_and_kept(tiny, tmp_path):
     _saved_at_step_4(tiny(), tmp_path)
-    before = sorted(p.name for p in (tmp_path / "checkpoints").rglob("*"))
+    before = _files(tmp_path)
     wider = tiny(**{"model.width": 0.25})
     match = r"params/fc6/kernel: checkpoint \(32, 512\), this run \(64, 1024\)"
     with pytest.raises(UsageError, match=match):
         train.train_and_evaluate(wider, str(tmp_path))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").rglob("*")) == before
+    assert _files(tmp_path) == before
 
 
-@pytest.fixture(scope="module")
-def trained_on_4x2(tmp_path_factory):
-    """A short run on mesh (4, 2): one tower per device."""
-    from conftest import tiny_config
+def _layout_1_state(trainer):
+    """A train state as alexnet_jax wrote it before the learning rate was set by name: the
+    optimizer was a chain whose second element held the rate as `step_size`."""
+    state = jax.device_get(trainer.init_state(0))
+    mask = lambda p: jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", p)
+    old = optax.chain(
+        optax.add_decayed_weights(5e-4, mask=mask),
+        optax.inject_hyperparams(optax.scale)(step_size=-0.01),
+        optax.trace(decay=0.9),
+    )
+    return state.replace(opt_state=old.init(state.params))
 
-    workdir = tmp_path_factory.mktemp("mesh42")
-    config = tiny_config(**{"mesh.data": 4, "mesh.model": 2, "num_train_steps": 4})
-    train.train_and_evaluate(config, str(workdir))
-    return config, workdir
+
+def test_a_checkpoint_of_an_earlier_state_layout_is_refused_but_its_parameters_load(tiny, tmp_path):
+    config = tiny()
+    trainer = train.Trainer(config, parallel.create_mesh(1, 1))
+    old = _layout_1_state(trainer)
+    _saved_at_step_4(config, tmp_path, old)
+    data = tmp_path / "checkpoints" / "4" / "data" / "metadata"
+    fields = json.loads(data.read_text())
+    del fields["state_layout"]  # what the earlier version wrote
+    data.write_text(json.dumps(fields))
+    before = _files(tmp_path)
+
+    with pytest.raises(UsageError, match="predates a change of the train state's layout") as e:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "learning rate became a hyperparameter set by name" in str(e.value)
+    assert "layout 1" in str(e.value) and "Nothing was changed" in str(e.value)
+    assert _files(tmp_path) == before
+
+    restored = load_checkpoint(str(tmp_path))
+    assert restored.step == 4
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), old.params)
 
 
-def test_load_checkpoint_on_one_device(trained_on_4x2):
-    config, workdir = trained_on_4x2
-    r = load_checkpoint(str(workdir))
-    assert r.step == 4 and r.class_names == [str(d) for d in range(10)]
-    kernel = r.params["conv2"]["kernel"]
-    assert kernel.shape[-1] == 2 * 8 * 2  # both towers, whole again
-    assert len(kernel.sharding.device_set) == 1
-    digits = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3)).astype(np.uint8)
-    probs = r.predict(digits)
-    assert probs.shape == (3, 10)
-    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
-    assert r.predict(digits[0]).shape == (1, 10)  # a single HWC image too
+def test_a_current_checkpoint_is_stamped_with_its_layout(tiny, tmp_path):
+    _saved_at_step_4(tiny(), tmp_path)
+    data = json.loads((tmp_path / "checkpoints" / "4" / "data" / "metadata").read_text())
+    assert data["state_layout"] == checkpoint.STATE_LAYOUT == 2
 
 
 @pytest.mark.parametrize("mesh", [(8, 1), (2, 1), (1, 1)])
 def test_a_checkpoint_moves_between_meshes_and_training_continues(trained_on_4x2, mesh, tmp_path):
-    import shutil
-
     config, workdir = trained_on_4x2
     shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
     moved = config.copy_and_resolve_references()
@@ -82,11 +123,6 @@ def test_a_checkpoint_moves_between_meshes_and_training_continues(trained_on_4x2
     metrics = train.train_and_evaluate(moved, str(tmp_path))
     assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 6
     assert metrics["eval/count"] == 360
-
-
-def test_load_checkpoint_without_checkpoints(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No checkpoints"):
-        load_checkpoint(str(tmp_path))
 
 
 # Orbax's async reader leaves un-awaited coroutines behind when the data is garbage.

@@ -1,23 +1,22 @@
-"""Input pipeline: augmentation geometry and statistics, determinism, eval padding, sources."""
+"""Input pipeline: augmentation geometry and statistics, the train stream's determinism and
+per-process slices, eval padding, undecodable images."""
 
-from pathlib import Path
+import dataclasses
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import write_folder
 
 from alexnet_jax import UsageError, sources
 from alexnet_jax import input_pipeline as ip
 
+IDENTITY = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
-def _cfg(**kw) -> ml_collections.ConfigDict:
-    from configs import digits
 
-    cfg = digits.get_config().input
-    cfg.image_size, cfg.resize_size, cfg.divide_by_std = 67, 72, False
-    cfg.update(kw)
-    return cfg
+def _pre(**kw) -> ip.Preprocess:
+    """The digits demo's transform at 67x67 (no flips, no lighting), with `kw` changed."""
+    return dataclasses.replace(ip.Preprocess(ip.IMAGENET_STATS, 67, 72), **kw)
 
 
 def _coords_image(size: int) -> tf.Tensor:
@@ -26,19 +25,31 @@ def _coords_image(size: int) -> tf.Tensor:
     return tf.constant(np.stack([r, c, np.zeros_like(r)], -1).astype(np.float32))
 
 
-def test_resize_square_takes_the_central_square():
-    image = tf.zeros([40, 100, 3], tf.uint8)
-    out = ip.resize_square(image, 20)
+@pytest.mark.parametrize("shape", [(40, 100), (100, 40)])
+def test_resize_square_takes_the_central_square(shape):
+    """Shorter side 40 -> 20 halves the image; the central 20x20 of the 20x50 (or 50x20)
+    result covers the original's central 40x40: rows/columns 30-70 of the long side."""
+    h, w = shape
+    r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    image = tf.constant(np.stack([r, c, np.zeros_like(r)], -1).astype(np.float32))
+    out = ip.resize_square(image, 20).numpy()
     assert out.shape == (20, 20, 3)
+    rows, cols = out[..., 0], out[..., 1]
+    long_axis = cols if w > h else rows
+    short_axis = rows if w > h else cols
+    # Interior pixels (away from the antialiasing at the border) sit at 2 * i + 0.5.
+    np.testing.assert_allclose(long_axis.mean(), 49.5, atol=0.5)  # centred on the long side
+    np.testing.assert_allclose(short_axis.mean(), 19.5, atol=0.5)  # all of the short side
+    assert 29 <= long_axis.min() and long_axis.max() <= 71  # the central square only
 
 
 def test_random_crop_and_flip_geometry():
-    cfg = _cfg(resize_size=32, image_size=24, random_flip=True, pca_lighting_std=0.0)
-    stats = ip.Stats((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    stats = ip.Stats((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), IDENTITY)
+    p = ip.Preprocess(stats, image_size=24, resize_size=32, random_flip=True)
     image = _coords_image(32)
     tops, flips = set(), 0
     for i in range(64):
-        out = ip.train_preprocess(image, tf.constant([0, i], tf.int64), stats, cfg).numpy()
+        out = ip.train_preprocess(image, tf.constant([0, i], tf.int64), p).numpy()
         rows, cols = out[..., 0], out[..., 1]
         assert np.all(np.diff(rows, axis=0) == 1)  # a contiguous window
         top, left = rows[0, 0], min(cols[0, 0], cols[0, -1])
@@ -80,10 +91,9 @@ def test_ten_crops_are_corners_centre_and_mirrors():
     np.testing.assert_array_equal(crops[5:], crops[:5, :, ::-1])
 
 
-def test_eval_ten_crop_output(tiny):
-    cfg = _cfg(eval_ten_crop=True)
-    stats = ip.Stats((1.0, 2.0, 3.0), (0.0,) * 3, ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
-    out = ip.eval_preprocess(tf.fill([80, 90, 3], tf.constant(10, tf.uint8)), stats, cfg)
+def test_eval_ten_crop_output():
+    p = _pre(stats=ip.Stats((1.0, 2.0, 3.0), (0.0,) * 3, IDENTITY), ten_crop=True)
+    out = ip.eval_preprocess(tf.fill([80, 90, 3], tf.constant(10, tf.uint8)), p)
     assert out.shape == (10, 67, 67, 3)
     np.testing.assert_allclose(out.numpy()[..., 2], 7.0, atol=1e-4)  # mean subtracted
 
@@ -103,19 +113,16 @@ def test_stats_of_the_training_split_match_numpy():
 
 def test_stats_are_cached_in_the_workdir(tmp_path):
     source = sources.digits_source()
-    cfg = _cfg()
-    a = ip.get_stats(source, cfg, str(tmp_path))
+    a = ip.get_stats(source, 72, 10_000, str(tmp_path))
     assert (tmp_path / "input_stats.json").exists()
-    assert ip.get_stats(source, cfg, str(tmp_path)) == a
-    cfg.resize_size = 80  # another key: recomputed
-    assert ip.get_stats(source, cfg, str(tmp_path)) != a
+    assert ip.get_stats(source, 72, 10_000, str(tmp_path)) == a
+    assert ip.get_stats(source, 80, 10_000, str(tmp_path)) != a  # another key: recomputed
 
 
-def _stream(source, cfg, start, steps, seed=0, index=0, count=1, batch=32):
+def _stream(source, p, start, steps, seed=0, index=0, count=1, batch=32):
     ds = ip.train_dataset(
         source,
-        cfg,
-        ip.IMAGENET_STATS,
+        p,
         seed=seed,
         batch_size=batch,
         start_step=start,
@@ -127,12 +134,12 @@ def _stream(source, cfg, start, steps, seed=0, index=0, count=1, batch=32):
 
 
 def test_train_stream_is_a_function_of_seed_and_step():
-    source, cfg = sources.digits_source(), _cfg()
-    full = _stream(source, cfg, 0, 50)  # crosses an epoch boundary (1437 / 32 = 44.9)
+    source, p = sources.digits_source(), _pre()
+    full = _stream(source, p, 0, 50)  # crosses an epoch boundary (1437 / 32 = 44.9)
     assert len(full) == 50
-    again = _stream(source, cfg, 0, 50)
-    resumed = _stream(source, cfg, 43, 50)
-    other = _stream(source, cfg, 0, 2, seed=1)
+    again = _stream(source, p, 0, 50)
+    resumed = _stream(source, p, 43, 50)
+    other = _stream(source, p, 0, 2, seed=1)
     assert not np.array_equal(other[0]["images"], full[0]["images"])
     for a, b in zip(full, again, strict=True):
         np.testing.assert_array_equal(a["images"], b["images"])
@@ -142,148 +149,79 @@ def test_train_stream_is_a_function_of_seed_and_step():
 
 
 def test_each_process_gets_its_slice_of_the_global_batch():
-    source, cfg = sources.digits_source(), _cfg()
-    full = _stream(source, cfg, 0, 2)
-    parts = [_stream(source, cfg, 0, 2, index=i, count=4) for i in range(4)]
+    source, p = sources.digits_source(), _pre()
+    full = _stream(source, p, 0, 2)
+    parts = [_stream(source, p, 0, 2, index=i, count=4) for i in range(4)]
     for step in range(2):
         glued = np.concatenate([p[step]["labels"] for p in parts])
         np.testing.assert_array_equal(glued, full[step]["labels"])
 
 
+def _indexed_source(n, log=None):
+    """n tiny examples whose label is their index; `log` collects the indices read."""
+    images = np.arange(n * 4 * 4 * 3, dtype=np.int64).reshape(n, 4, 4, 3).astype(np.uint8)
+
+    def read_np(i):
+        if log is not None:
+            log.append(int(i))
+        return images[int(i)], np.int32(i)
+
+    def read(i):
+        image, label = tf.numpy_function(read_np, [i], (tf.uint8, tf.int32))
+        return tf.ensure_shape(image, [4, 4, 3]), tf.ensure_shape(label, [])
+
+    split = sources._indexed_split(n, read, True, lambda i, key: str(key))
+    held_out = sources._indexed_split(n, read, False, lambda i, key: str(key))
+    return sources.Source("indexed", "indexed", ["x"] * n, split, held_out)
+
+
 @pytest.mark.parametrize("count", [1, 2])
 def test_eval_counts_every_example_once(count):
-    source, cfg = sources.digits_source(), _cfg()
-    labels, weights = [], []
+    source = _indexed_source(37)  # not a multiple of the batch of 8
+    p = _pre(image_size=4, resize_size=4)
+    labels, batches_seen = [], []
     for index in range(count):
-        ds = ip.eval_dataset(
-            source, cfg, ip.IMAGENET_STATS, batch_size=64, process_index=index, process_count=count
-        )
+        ds = ip.eval_dataset(source, p, batch_size=8, process_index=index, process_count=count)
         batches = list(ip.iterate(ds, source.eval))
-        assert len(batches) == 6  # ceil(360 / 64), the same on every process
-        labels.append(np.concatenate([b["labels"] for b in batches]))
-        weights.append(np.concatenate([b["weights"] for b in batches]))
-    w = np.concatenate(weights)
-    assert w.sum() == 360 == source.eval.size
-    assert set(np.unique(w)) == {0.0, 1.0}
-
-
-def _write_folder(root: Path, classes=("cat", "dog"), per_class=3, bad=None):
-    for split in ("train", "validation"):
-        for k, name in enumerate(classes):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                img = np.full((20 + i, 30, 3), 40 * k + i, np.uint8)
-                (d / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
-    if bad:
-        (root / "train" / classes[0] / bad).write_bytes(b"not an image at all")
-
-
-def test_image_folder_source(tmp_path):
-    _write_folder(tmp_path)
-    source = sources.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path)))
-    assert source.class_names == ["cat", "dog"]
-    assert source.train.size == 6 and source.eval.size == 6
-    batches = _stream(source, _cfg(), 0, 2, batch=4)
-    assert batches[0]["images"].shape == (4, 67, 67, 3)
-
-
-def test_image_folder_errors(tmp_path):
-    with pytest.raises(UsageError, match="needs --config.input.data_dir"):
-        sources.create_source(_cfg(dataset="imagefolder", data_dir=None))
-    with pytest.raises(UsageError, match="does not exist"):
-        sources.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path / "nope")))
+        batches_seen.append(len(batches))
+        for b in batches:
+            assert set(np.unique(b["weights"])) <= {0.0, 1.0}
+            labels += b["labels"][b["weights"] == 1].tolist()
+    assert batches_seen == [5] * count  # ceil(37 / 8), the same on every process
+    assert sorted(labels) == list(range(37))  # each example exactly once
 
 
 def test_a_corrupt_image_is_named(tmp_path):
-    _write_folder(tmp_path, bad="broken.jpg")
-    source = sources.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path)))
+    from configs import digits
+
+    write_folder(tmp_path, bad="broken.jpg")
+    cfg = digits.get_config().input
+    cfg.dataset, cfg.data_dir = "imagefolder", str(tmp_path)
+    source = sources.create_source(cfg)
     with pytest.raises(UsageError, match="broken.jpg"):
-        _stream(source, _cfg(), 0, 4, batch=4)
+        _stream(source, _pre(), 0, 4, batch=4)
 
 
-def test_imagenet_not_prepared_says_where_the_tars_go(tmp_path):
-    cfg = _cfg(dataset="imagenet2012", data_dir=str(tmp_path), manual_dir=str(tmp_path / "m"))
-    with pytest.raises(UsageError) as e:
-        sources.create_source(cfg)
-    msg = str(e.value)
-    assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg
-    assert f"python -m alexnet_jax.prepare_imagenet --data_dir={tmp_path}" in msg
-    assert f"--manual_dir={tmp_path / 'm'}" in msg
-
-
-def test_prepare_imagenet(tmp_path):
-    import tensorflow_datasets as tfds
-
-    from alexnet_jax import prepare_imagenet
-
-    with pytest.raises(UsageError, match="lacks ILSVRC2012_img_train.tar and ILSVRC2012_img_val"):
-        prepare_imagenet.prepare(str(tmp_path / "data"), str(tmp_path))
-    for tar in sources.IMAGENET_TARS:
-        (tmp_path / tar).write_bytes(b"")
-    with tfds.testing.mock_data(num_examples=4):  # download_and_prepare is mocked
-        assert prepare_imagenet.prepare(str(tmp_path), str(tmp_path)).name == "imagenet2012"
-
-
-@pytest.mark.parametrize("storage", ["array_record", "tfrecord"])
-def test_imagenet_path_on_tfds_mock_data(storage):
-    import contextlib
-    from unittest import mock
-
-    import tensorflow_datasets as tfds
-
-    cfg = _cfg(dataset="imagenet2012", image_size=67, resize_size=72, data_dir="/nonexistent")
-    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-        no_random_access = mock.patch.object(  # what TFDS raises for TFRecord files
-            tfds.core.DatasetBuilder, "as_data_source", side_effect=NotImplementedError
-        )
-        with no_random_access if storage == "tfrecord" else contextlib.nullcontext():
-            source = sources.create_source(cfg)
-        random_access = isinstance(source.train.pad_key, np.int64)
-        assert random_access == (storage == "array_record")
-        assert source.num_classes == 1000 and source.class_names[0].startswith("tench")
-        assert source.train.size == 12
-        batches = _stream(source, cfg, 0, 3, batch=8)
-        ds = ip.eval_dataset(source, cfg, ip.IMAGENET_STATS, batch_size=8)
-        evals = list(ip.iterate(ds, source.eval))
-    assert len(batches) == 3 and batches[0]["images"].shape == (8, 67, 67, 3)
-    assert batches[0]["labels"].max() < 1000
-    assert sum(b["weights"].sum() for b in evals) == 12
+def test_every_epoch_of_the_stream_has_its_own_order():
+    log = []
+    source = _indexed_source(32, log)
+    p = _pre(image_size=4, resize_size=4)
+    batches = _stream(source, p, 0, 8, batch=8)  # two epochs of four batches
+    labels = np.concatenate([b["labels"] for b in batches])
+    first, second = labels[:32].tolist(), labels[32:].tolist()
+    assert sorted(first) == sorted(second) == list(range(32))
+    assert first != second
 
 
 def test_processes_read_disjoint_examples():
     """Random-access sources read only this process's rows of each global batch."""
-    images = np.arange(40 * 4 * 4 * 3, dtype=np.int64).reshape(40, 4, 4, 3).astype(np.uint8)
-
-    def source_logging_reads(log):
-        def read_np(i):
-            log.append(int(i))
-            return images[int(i)], np.int32(i)
-
-        def read(i):
-            image, label = tf.numpy_function(read_np, [i], (tf.uint8, tf.int32))
-            return tf.ensure_shape(image, [4, 4, 3]), tf.ensure_shape(label, [])
-
-        split = sources._indexed_split(40, read, True, lambda i, key: str(key))
-        return sources.Source("logged", "logged", ["x"] * 40, split, split)
-
-    cfg = _cfg(resize_size=4, image_size=4, pca_lighting_std=0.0)
+    p = _pre(image_size=4, resize_size=4)
     reads, labels = [], []
     for index in range(2):
         log = []
-        src = source_logging_reads(log)
-        ds = ip.train_dataset(
-            src,
-            cfg,
-            ip.IMAGENET_STATS,
-            seed=0,
-            batch_size=8,
-            start_step=0,
-            num_steps=3,
-            process_index=index,
-            process_count=2,
-        )
-        labels.append(np.concatenate([b["labels"] for b in ip.iterate(ds, src.train)]))
+        src = _indexed_source(40, log)
+        batches = _stream(src, p, 0, 3, index=index, count=2, batch=8)
+        labels.append(np.concatenate([b["labels"] for b in batches]))
         reads.append(set(log))
     order = (
         sources._permutation(40, 0, 0).numpy().reshape(5, 2, 4)

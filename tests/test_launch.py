@@ -10,16 +10,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import CACHE, REPO
+from conftest import CACHE, REPO, tiny_flags
 
 from alexnet_jax import load_checkpoint, train
-
-TINY = [
-    "--config.batch_size=16",
-    "--config.model.width=0.125",
-    "--config.input.image_size=67",
-    "--config.input.resize_size=72",
-]
 
 
 def launch(workdir, *overrides, config="configs/digits.py", devices=1, wait=True):
@@ -62,13 +55,9 @@ def test_imagenet_not_prepared_is_a_clear_error(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
-    args = [
-        *TINY,
-        "--config.num_train_steps=40",
-        "--config.checkpoint_every_steps=5",
-        "--config.log_every_steps=5",
-        "--config.eval_every_steps=20",
-    ]
+    args = tiny_flags(
+        num_train_steps=40, checkpoint_every_steps=5, log_every_steps=5, eval_every_steps=20
+    )
     broken, whole = tmp_path / "broken", tmp_path / "whole"
     proc = launch(broken, *args, wait=False)
     deadline = time.time() + 300

@@ -5,17 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax.model import (
-    LRN_ALPHA,
-    LRN_BETA,
-    LRN_K,
-    AlexNet,
-    feature_shapes,
-    init_params,
-    local_response_norm,
-    min_image_size,
-    param_count,
-)
+from alexnet_jax import UsageError
+from alexnet_jax.model import AlexNet, local_response_norm, param_count
+from configs import alexnet, digits, owt
+
+
+def init_params(model: AlexNet, image_size: int, seed: int = 0) -> dict:
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return model.init(jax.random.PRNGKey(seed), x, train=False)["params"]
+
 
 PAPER_MAPS = {
     "conv1": (55, 55, 96),
@@ -65,36 +63,71 @@ def test_feature_maps_of_the_traced_model():
     maps = {k.removesuffix("_map"): v[0].shape[1:] for k, v in state["intermediates"].items()}
     assert maps == PAPER_MAPS
     assert logits.shape == (2, 1000)
-    assert dict(feature_shapes()) == PAPER_MAPS
+    assert dict(model.feature_shapes(227)) == PAPER_MAPS
 
 
 def test_smallest_input():
-    assert min_image_size("paper") == 67
-    assert feature_shapes(image_size=67)[-1][1][:2] == (1, 1)
-    assert feature_shapes(image_size=66)[-1][1][0] < 1
+    assert AlexNet().min_image_size() == 67
+    assert AlexNet().feature_shapes(67)[-1][1][:2] == (1, 1)
+    assert AlexNet().feature_shapes(66)[-1][1][0] < 1
 
 
 def test_plain_pooling_keeps_the_paper_shapes():
     # Section 3.4 compares s=2, z=3 with s=2, z=2 "which produces output of equivalent dimensions".
-    assert dict(feature_shapes(overlap_pool=False)) == PAPER_MAPS
+    assert dict(AlexNet(overlap_pool=False).feature_shapes(227)) == PAPER_MAPS
 
 
 def test_width_rounds_each_tower_to_even_channels():
-    shapes = dict(feature_shapes(width=0.3))
-    assert shapes["conv1"][2] == 2 * 14  # 96 * 0.3 / 2 = 14.4 -> 14 per tower
-    assert all(c % 4 == 0 for _, (_, _, c) in feature_shapes(width=0.3))
+    shapes = AlexNet(width=0.3).feature_shapes(227)
+    assert dict(shapes)["conv1"][2] == 2 * 14  # 96 * 0.3 / 2 = 14.4 -> 14 per tower
+    assert all(c % 4 == 0 for _, (_, _, c) in shapes)
+
+
+@pytest.mark.parametrize(
+    "config, image_size, expected",
+    [(alexnet, 227, 60_965_224), (owt, 224, 61_100_840), (digits, 99, None)],
+)
+def test_a_configs_model_section_is_the_module(config, image_size, expected):
+    fields = config.get_config().model
+    model = AlexNet.from_config(fields)
+    for key, value in fields.items():  # every key is a field of the module, taken as it is
+        assert getattr(model, key) == value, key
+    if expected is not None:
+        shapes = jax.eval_shape(lambda: init_params(model, image_size))
+        assert param_count(shapes) == expected
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"variant": "vgg"}, "model.variant='vgg' is unknown"),
+        ({"towers": 3}, "model.towers=3 must be 1 or 2"),
+        ({"variant": "owt", "towers": 2}, "model.variant='owt' has no towers"),
+        ({"width": 0.0}, "model.width=0.0 must be positive"),
+        ({"num_classes": 0}, "model.num_classes=0 must be positive"),
+        ({"activation": "gelu"}, "model.activation='gelu' is unknown"),
+        ({"dtype": "float16"}, "model.dtype='float16' is unknown"),
+        ({"dtype": "no-such-type"}, "model.dtype='no-such-type' is unknown"),
+        ({"weight_init": "xavier"}, "model.weight_init='xavier' is unknown"),
+        ({"dropout_rate": 1.0}, r"model.dropout_rate=1.0 must be in \[0, 1\)"),
+    ],
+)
+def test_each_field_is_checked_when_the_module_is_built(fields, message):
+    with pytest.raises(UsageError, match=message):
+        AlexNet(**fields)
 
 
 def _lrn_reference(a: np.ndarray, towers: int) -> np.ndarray:
-    """Paper section 3.3, literally, with the sum over adjacent channels of the same tower."""
+    """Paper section 3.3, literally, with the sum over adjacent channels of the same tower:
+    k = 2, n = 5, alpha = 1e-4, beta = 0.75 (written here, not taken from the module)."""
     c = a.shape[-1]
     per = c // towers
     out = np.empty_like(a)
     for i in range(c):
         t = i // per
-        lo, hi = max(t * per, i - 2), min((t + 1) * per - 1, i + 2)
+        lo, hi = max(t * per, i - 5 // 2), min((t + 1) * per - 1, i + 5 // 2)
         s = sum(a[..., j] ** 2 for j in range(lo, hi + 1))
-        out[..., i] = a[..., i] / (LRN_K + LRN_ALPHA * s) ** LRN_BETA
+        out[..., i] = a[..., i] / (2.0 + 1e-4 * s) ** 0.75
     return out
 
 
@@ -178,6 +211,44 @@ def test_dropout_sits_after_fc6_and_fc7_in_the_paper_and_before_in_owt():
     # fc6's output all dropped: fc7 sees zeros, so every example gets the same logits.
     np.testing.assert_allclose(zeroed, jnp.broadcast_to(zeroed[:1], zeroed.shape), rtol=1e-6)
     assert not np.allclose(full, jnp.broadcast_to(full[:1], full.shape))
+
+
+def _head_reference(variant, features, params, masks, rate):
+    """fc6-fc8 in NumPy from the flattened conv5 pool: the paper drops fc6's and fc7's outputs
+    (section 4.2), torchvision's owt drops their inputs."""
+    p = {k: {n: np.asarray(v, np.float64) for n, v in layer.items()} for k, layer in params.items()}
+    relu = lambda z: np.maximum(z, 0.0)
+    dense = lambda name, z: z @ p[name]["kernel"] + p[name]["bias"]
+    drop = lambda z, m: z * np.asarray(m) / (1.0 - rate)
+    x = np.asarray(features, np.float64).reshape(features.shape[0], -1)  # H, W, C order
+    if variant == "paper":
+        h = drop(relu(dense("fc6", x)), masks[0])
+        h = drop(relu(dense("fc7", h)), masks[1])
+    else:
+        h = relu(dense("fc6", drop(x, masks[0])))
+        h = relu(dense("fc7", drop(h, masks[1])))
+    return dense("fc8", h)
+
+
+@pytest.mark.parametrize("variant, image_size", [("paper", 67), ("owt", 95)])
+def test_the_head_with_dropout_equals_the_papers_and_torchvisions_order(variant, image_size):
+    model = AlexNet(variant=variant, num_classes=10, width=1 / 16, weight_init="he")
+    params = init_params(model, image_size, seed=1)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, image_size, image_size, 3))
+    keys = jax.random.split(jax.random.PRNGKey(2), 2)
+    masks = tuple(
+        jax.random.bernoulli(k, 0.5, (4, f))
+        for k, f in zip(keys, model.dropout_features(image_size), strict=True)
+    )
+    logits, inter = model.apply(
+        {"params": params}, x, train=True, dropout_masks=masks, mutable="intermediates"
+    )
+    features = inter["intermediates"]["conv5_pool"][0]
+    want = _head_reference(variant, features, params, masks, 0.5)
+    kept = tuple(np.ones(m.shape, bool) for m in masks)
+    undropped = _head_reference(variant, features, params, kept, 0.0)
+    assert np.linalg.norm(undropped - want) > 0.1 * np.linalg.norm(want)  # the masks matter
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

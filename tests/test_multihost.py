@@ -6,19 +6,15 @@ import socket
 import subprocess
 import sys
 
-from conftest import CACHE, REPO
+from conftest import CACHE, REPO, tiny_flags
 
-ARGS = [
-    "--config.batch_size=16",
-    "--config.model.width=0.125",
-    "--config.input.image_size=67",
-    "--config.input.resize_size=72",
-    "--config.num_train_steps=4",
-    "--config.log_every_steps=1",
-    "--config.eval_every_steps=4",
-    "--config.checkpoint_every_steps=4",
-    "--config.mesh.model=2",
-]
+ARGS = tiny_flags(
+    num_train_steps=4,
+    log_every_steps=1,
+    eval_every_steps=4,
+    checkpoint_every_steps=4,
+    **{"mesh.model": 2},
+)
 
 
 def _cmd(workdir, *extra):

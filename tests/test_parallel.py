@@ -1,12 +1,16 @@
-"""The tower-sharded step equals a plain single-device step on every mesh."""
+"""The tower-sharded step equals a plain single-device step on every mesh; the mesh checks; the
+per-example loss and ranks from class-sharded logits; the global dropout masks."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import parallel, train
+from alexnet_jax import UsageError, parallel, train
+from alexnet_jax.model import AlexNet
+from alexnet_jax.optimizer import Optimizer, set_learning_rate
 
 MESHES = [(4, 2), (2, 2), (8, 1), (1, 1)]
 
@@ -18,15 +22,15 @@ def rel(a, b):
 
 def _reference_step(config, params, images, labels, masks):
     """No mesh, no shard_map: the whole model on one device, optax's cross-entropy."""
-    model = train.build_model(config)
+    model = AlexNet.from_config(config.model)
 
     def loss_fn(p):
         logits = model.apply({"params": p}, images, train=True, dropout_masks=masks or None)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    tx = train.make_optimizer(config.optimizer)
-    opt_state = train._set_learning_rate(tx.init(params), jnp.float32(0.01))
+    tx = Optimizer.from_config(config.optimizer).tx
+    opt_state = set_learning_rate(tx.init(params), jnp.float32(0.01))
     # Two updates, so the momentum term takes part in the comparison.
     updates, opt_state = tx.update(grads, opt_state, params)
     updates2, _ = tx.update(grads, opt_state, optax.apply_updates(params, updates))
@@ -47,6 +51,9 @@ def test_sharded_step_equals_single_device(tiny, dropout, classes):
     params = jax.device_get(ref_trainer.init_state(0).params)
     masks = parallel.dropout_masks(jax.random.PRNGKey(3), ref_trainer.model, 8, 67, ref_mesh)
     masks = tuple(np.asarray(m) for m in masks)
+    if dropout:  # two masks from two keys, each keeping about 1 - rate of the units
+        assert not np.array_equal(masks[0], masks[1])
+        assert all(abs(m.mean() - (1 - dropout)) < 0.1 for m in masks)
     want_loss, want_grads, want_updates = _reference_step(base, params, images, labels, masks)
 
     for data, model in MESHES:
@@ -62,10 +69,11 @@ def test_sharded_step_equals_single_device(tiny, dropout, classes):
             np.testing.assert_array_equal(a, b)
         grad_fn = jax.jit(jax.value_and_grad(trainer.loss_fn, has_aux=True))
         (loss, _), grads = grad_fn(state.params, batch["images"], batch["labels"], drawn)
-        opt_state = train._set_learning_rate(state.opt_state, jnp.float32(0.01))
-        updates, opt_state = trainer.tx.update(grads, opt_state, state.params)
+        tx = trainer.optimizer.tx
+        opt_state = set_learning_rate(state.opt_state, jnp.float32(0.01))
+        updates, opt_state = tx.update(grads, opt_state, state.params)
         moved = optax.apply_updates(state.params, updates)
-        updates2, _ = trainer.tx.update(grads, opt_state, moved)
+        updates2, _ = tx.update(grads, opt_state, moved)
 
         assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss)), (data, model)
         for name in params:
@@ -101,3 +109,65 @@ def test_ten_patch_eval_averages_the_softmax(tiny, mesh):
     np.testing.assert_allclose(sums["loss"], nll[:3].sum(), rtol=1e-5)
     top1 = (probs.argmax(-1) != labels)[:3].sum()
     assert sums["top1_errors"] == top1
+
+
+@pytest.mark.parametrize("mesh_model", [1, 2])
+def test_top_k_error_matches_numpy(mesh_model):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(16, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    mesh = parallel.create_mesh(1, mesh_model)
+    split = mesh_model > 1
+
+    def local(lg, lb):
+        nll, rank = parallel.example_stats(lg, lb, split)
+        return nll, rank
+
+    f = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(None, "model") if split else P(), P()), out_specs=(P(), P())
+    )
+    nll, rank = jax.jit(f)(logits, labels)
+    order = np.argsort(-logits, axis=1)
+    for k in (1, 5):
+        want = np.mean([labels[i] not in order[i, :k] for i in range(16)])
+        assert 0 < want < 1  # the check can tell errors from hits
+        assert np.mean(np.asarray(rank) >= k) == want
+    want_nll = -jax.nn.log_softmax(logits)[np.arange(16), labels]
+    np.testing.assert_allclose(nll, want_nll, rtol=1e-5)
+
+
+def test_nan_logits_count_as_errors():
+    logits = np.full((4, 10), np.nan, np.float32)
+    mesh = parallel.create_mesh(1, 1)
+    f = jax.shard_map(
+        lambda lg, lb: parallel.example_stats(lg, lb, False)[1],
+        mesh=mesh,
+        in_specs=(P(), P()),
+        out_specs=P(),
+    )
+    assert np.all(np.asarray(f(logits, np.zeros(4, np.int32))) >= 5)
+
+
+def test_mesh_checks_per_process():
+    # 2 processes x 3 devices, mesh (3, 2): 9 splits over the data axis but not per process.
+    with pytest.raises(UsageError, match="not divisible by the 2 processes"):
+        parallel.check_mesh(-1, 2, 2, 9, num_devices=6, process_count=2)
+    with pytest.raises(UsageError, match="must use all 8 devices of a multi-process run"):
+        parallel.check_mesh(2, 2, 2, 8, num_devices=8, process_count=2)
+    parallel.check_mesh(-1, 2, 2, 8, num_devices=8, process_count=2)  # fine: no exception
+
+
+@pytest.mark.parametrize("classes, fc8_split", [(10, True), (7, False)])
+def test_param_specs_split_every_layer_over_the_towers(classes, fc8_split):
+    model = AlexNet(num_classes=classes, width=0.125)
+    params = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 67, 67, 3)))["params"]
+    )
+    specs = parallel.param_specs(model, params, parallel.create_mesh(1, 2))
+    for name, layer in specs.items():
+        split = name != "fc8" or fc8_split
+        for leaf, spec in layer.items():
+            want = P(*[None] * (params[name][leaf].ndim - 1), "model") if split else P()
+            assert spec == want, (name, leaf)
+    one = parallel.param_specs(model, params, parallel.create_mesh(2, 1))
+    assert all(s == P() for s in jax.tree.leaves(one, is_leaf=lambda x: isinstance(x, P)))

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 from alexnet_jax import parallel, report
-from alexnet_jax.model import feature_shapes
+from alexnet_jax.model import AlexNet
 from configs import alexnet
 
 
@@ -39,7 +39,7 @@ def test_the_paper_pattern_on_mesh_4x2(dtype):
     # No per-tower map of conv1, conv2, conv4, conv5 (nor conv3's output) crosses devices.
     tower_maps = {
         s
-        for name, s in feature_shapes()
+        for name, s in AlexNet().feature_shapes(227)
         if name in ("conv1", "conv1_pool", "conv2", "conv3", "conv4")
     }
     tower_maps |= {(*s[:-1], s[-1] // 2) for s in tower_maps}

@@ -1,0 +1,118 @@
+"""What a run reports: metric sums gathered as steps are dispatched, their means, the lines of
+metrics.jsonl and TensorBoard, and the console's log lines and layer table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import tensorflow as tf
+from absl import logging
+
+from alexnet_jax.model import AlexNet, param_count
+
+
+class Accumulator:
+    """Sums the metric sums of dispatched steps on the devices, keeping the host one step ahead
+    of the devices and no more. Unbounded async dispatch deadlocked XLA's CPU collectives
+    (seen: 7 of 8 simulated devices waiting forever in an all-reduce rendezvous), and buys
+    nothing on accelerators."""
+
+    def __init__(self) -> None:
+        self.total: dict | None = None  # on the devices
+        self._newest: dict | None = None
+
+    def add(self, sums: dict) -> None:
+        """Add a step's sums once the step before it has finished."""
+        if self._newest is not None:
+            jax.block_until_ready(self._newest)
+        self._newest = sums
+        self.total = sums if self.total is None else jax.tree.map(jnp.add, self.total, sums)
+
+    def pop(self) -> dict:
+        """The sums so far, on the host; the next `add` starts a new sum."""
+        total, self.total = jax.device_get(self.total), None
+        return total
+
+
+def means(sums: dict, prefix: str) -> dict[str, float]:
+    """Per-example loss and top-1/top-5 error from summed metrics (see parallel._sums)."""
+    n = max(float(sums["count"]), 1.0)
+    return {
+        f"{prefix}/loss": float(sums["loss"]) / n,
+        f"{prefix}/top1_error": float(sums["top1_errors"]) / n,
+        f"{prefix}/top5_error": float(sums["top5_errors"]) / n,
+    }
+
+
+class MetricsWriter:
+    """metrics.jsonl and TensorBoard events in workdir; silent on every process but 0."""
+
+    def __init__(self, workdir: str, active: bool):
+        self.active = active
+        if active:
+            self.path = Path(workdir) / "metrics.jsonl"
+            self.tb = tf.summary.create_file_writer(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        with self.tb.as_default(step=step):
+            for k, v in metrics.items():
+                tf.summary.scalar(k, v)
+        self.tb.flush()
+
+
+def layer_table(model: AlexNet, params: Any, image_size: int) -> str:
+    shapes = dict(model.feature_shapes(image_size))
+    rows = [("layer", "output", "parameters")]
+    for name, layer in params.items():
+        out = shapes.get(name)
+        rows.append(
+            (
+                name,
+                "x".join(map(str, out)) if out else str(layer["kernel"].shape[-1]),
+                f"{param_count(layer):,}",
+            )
+        )
+        if f"{name}_pool" in shapes:
+            rows.append((f"  {name} pool", "x".join(map(str, shapes[f"{name}_pool"])), ""))
+    rows.append(("total", "", f"{param_count(params):,}"))
+    return "\n".join(f"{a:<12} {b:>12} {c:>14}" for a, b, c in rows)
+
+
+def _fmt_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def log_train(step: int, total: int, batch_size: int, line: dict[str, float]) -> None:
+    ips = line["train/images_per_sec"]
+    logging.info(
+        "step %d/%d: loss %.4f, top-1 error %.4f, top-5 error %.4f, lr %.2e, %.1f images/s, ETA %s",
+        step,
+        total,
+        line["train/loss"],
+        line["train/top1_error"],
+        line["train/top5_error"],
+        line["train/learning_rate"],
+        ips,
+        _fmt_eta((total - step) * batch_size / ips),
+    )
+
+
+def log_eval(step: int, metrics: dict[str, float]) -> None:
+    logging.info(
+        "eval step %d: loss %.4f, top-1 error %.4f, top-5 error %.4f (%d images)",
+        step,
+        metrics["eval/loss"],
+        metrics["eval/top1_error"],
+        metrics["eval/top5_error"],
+        metrics["eval/count"],
+    )

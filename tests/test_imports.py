@@ -1,0 +1,64 @@
+"""The package's imports run one way: no module imports one that imports it back."""
+
+import ast
+import graphlib
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+PACKAGE = REPO / "alexnet_jax"
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The package modules `path` imports anywhere in it (functions included); a name taken
+    from the package itself (`from alexnet_jax import UsageError`) counts as its __init__."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name.split(".") for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            base = node.module.split(".")
+            targets = [base + [a.name] if len(base) == 1 else base for a in node.names]
+        else:
+            continue
+        for parts in targets:
+            if parts[0] == "alexnet_jax":
+                found.add(parts[1] if len(parts) > 1 and parts[1] in modules else "__init__")
+    return found
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """{module: the package modules it imports}."""
+    modules = {p.stem for p in package.glob("*.py")}
+    return {m: _imports(package / f"{m}.py", modules) - {m} for m in modules}
+
+
+def test_the_package_imports_have_no_cycle():
+    graph = import_graph()
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        pytest.fail(f"import cycle: {' -> '.join(e.args[1])}")
+    assert set(order) == set(graph)
+
+
+def test_the_layers():
+    graph = import_graph()
+    assert graph["errors"] == set()
+    assert graph["model"] == {"errors"}  # the model knows no config, data, mesh or file
+    assert "train" not in graph["checkpoint"] and "train" not in graph["inference"]
+    assert graph["train"] >= {"checkpoint", "parallel", "input_pipeline", "model"}
+    assert graph["inference"] >= {"checkpoint", "model", "input_pipeline"}
+
+
+def test_a_cycle_would_be_found(tmp_path):
+    """The check itself can fail: a planted lazy import of train inside checkpoint."""
+    fake = tmp_path / "alexnet_jax"
+    fake.mkdir()
+    for p in PACKAGE.glob("*.py"):
+        (fake / p.name).write_text(p.read_text())
+    planted = fake / "checkpoint.py"
+    planted.write_text(planted.read_text() + "\n\ndef f():\n    from alexnet_jax import train\n")
+    with pytest.raises(graphlib.CycleError):
+        list(graphlib.TopologicalSorter(import_graph(fake)).static_order())

@@ -1,0 +1,50 @@
+"""Metric sums and means, metrics.jsonl, the layer table."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+
+from alexnet_jax.metrics import Accumulator, MetricsWriter, layer_table, means
+from alexnet_jax.model import AlexNet
+
+
+def test_means_of_summed_metrics():
+    sums = Accumulator()
+    for loss, top1, top5, count in ((6.0, 2.0, 1.0, 4.0), (2.0, 1.0, 0.0, 4.0)):
+        step = {"loss": loss, "top1_errors": top1, "top5_errors": top5, "count": count}
+        sums.add(jax.tree.map(jnp.float32, step))
+    assert means(sums.pop(), "x") == {
+        "x/loss": 1.0,
+        "x/top1_error": 3.0 / 8,
+        "x/top5_error": 1.0 / 8,
+    }
+    assert sums.total is None  # popped: the next add starts a new sum
+    sums.add({"loss": jnp.float32(3.0), "top1_errors": 0.0, "top5_errors": 0.0, "count": 2.0})
+    assert means(sums.pop(), "x")["x/loss"] == 1.5
+
+
+def test_metrics_jsonl_has_a_line_per_write_and_only_on_process_0(tmp_path):
+    MetricsWriter(str(tmp_path / "a"), active=True).write(5, {"train/loss": 0.5})
+    writer = MetricsWriter(str(tmp_path / "a"), active=True)
+    writer.write(10, {"eval/loss": 0.25, "eval/count": 360})
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"step": 5, "train/loss": 0.5},
+        {"step": 10, "eval/loss": 0.25, "eval/count": 360},
+    ]
+    assert list((tmp_path / "a" / "tensorboard").iterdir())
+    MetricsWriter(str(tmp_path / "b"), active=False).write(5, {"train/loss": 0.5})
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_layer_table_of_the_paper_model():
+    model = AlexNet()
+    params = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 227, 227, 3)))["params"]
+    )
+    rows = layer_table(model, params, 227).splitlines()
+    assert rows[1].split() == ["conv1", "55x55x96", "34,944"]  # 11*11*3*96 + 96
+    assert rows[2].split() == ["conv1", "pool", "27x27x96"]
+    assert rows[-2].split() == ["fc8", "1000", "4,097,000"]
+    assert rows[-1].split() == ["total", "60,965,224"]

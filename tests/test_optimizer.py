@@ -1,0 +1,77 @@
+"""The paper's update rule with its rate set by name, the schedules, the optimizer's checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from alexnet_jax import UsageError
+from alexnet_jax.optimizer import Optimizer, make_optimizer, make_schedule, set_learning_rate
+
+
+def test_the_update_rule_is_the_papers():
+    tx = make_optimizer(learning_rate=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False)
+    w = {"fc6": {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}}
+    state = tx.init(w)
+    v = jax.tree.map(jnp.zeros_like, w)
+    lr_by_step = [0.01, 0.01, 0.001]  # a cut: the rate inside the velocity matters here
+    for i, lr in enumerate(lr_by_step):
+        g = jax.tree.map(lambda p, i=i: jnp.full_like(p, 0.3 * (i + 1)), w)
+        state = set_learning_rate(state, jnp.float32(lr))
+        updates, state = tx.update(g, state, w)
+        # v <- 0.9 v - wd * lr * w - lr * grad (no decay on biases); w <- w + v
+        v = {
+            "fc6": {
+                "kernel": 0.9 * v["fc6"]["kernel"]
+                - 5e-4 * lr * w["fc6"]["kernel"]
+                - lr * g["fc6"]["kernel"],
+                "bias": 0.9 * v["fc6"]["bias"] - lr * g["fc6"]["bias"],
+            }
+        }
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, v)
+        w = optax.apply_updates(w, updates)
+
+
+def test_decay_biases_decays_the_biases_too():
+    tx = make_optimizer(learning_rate=0.1, momentum=0.9, weight_decay=0.5, decay_biases=True)
+    w = {"fc8": {"kernel": jnp.array([2.0]), "bias": jnp.array([4.0])}}
+    zero = jax.tree.map(jnp.zeros_like, w)
+    updates, _ = tx.update(zero, tx.init(w), w)
+    np.testing.assert_allclose(updates["fc8"]["bias"], [-0.1 * 0.5 * 4.0], rtol=1e-6)
+    np.testing.assert_allclose(updates["fc8"]["kernel"], [-0.1 * 0.5 * 2.0], rtol=1e-6)
+
+
+def test_the_learning_rate_is_set_by_name_and_nothing_else_changes():
+    tx = make_optimizer(learning_rate=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False)
+    state = tx.init({"w": jnp.ones(3)})
+    assert set(state.hyperparams) == {"learning_rate"}
+    moved = set_learning_rate(state, jnp.float32(0.25))
+    assert float(moved.hyperparams["learning_rate"]) == 0.25
+    assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.01)  # not mutated
+    same = jax.tree.map(np.array_equal, moved.inner_state, state.inner_state)
+    assert all(jax.tree.leaves(same))
+
+
+def test_schedules():
+    s = make_schedule("step", learning_rate=0.01, step_every_steps=10, step_factor=0.1)
+    np.testing.assert_allclose([s(0), s(9), s(10), s(25)], [0.01, 0.01, 0.001, 0.0001], rtol=1e-5)
+    c = make_schedule("constant", learning_rate=0.01, step_every_steps=10, step_factor=0.1)
+    np.testing.assert_allclose([c(0), c(10_000)], [0.01, 0.01], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("schedule", "cosine", "optimizer.schedule='cosine' is unknown"),
+        ("learning_rate", 0.0, "optimizer.learning_rate=0.0 must be positive"),
+    ],
+)
+def test_each_field_is_checked_when_the_optimizer_is_built(key, value, message):
+    from configs import alexnet
+
+    o = alexnet.get_config().optimizer
+    Optimizer.from_config(o)  # the paper's settings are fine
+    o[key] = value
+    with pytest.raises(UsageError, match=message):
+        Optimizer.from_config(o)
