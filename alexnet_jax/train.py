@@ -166,7 +166,7 @@ def create_source(config: ml_collections.ConfigDict) -> sources.Source:
     return source
 
 
-def evaluate(
+def evaluate_and_log(
     trainer: Trainer,
     state: TrainState,
     step: int,
@@ -248,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     writer = MetricsWriter(workdir, active=pid == 0)
     plateau = config.optimizer.schedule == "plateau"
-    run_eval = lambda state, step: evaluate(
+    run_eval = lambda state, step: evaluate_and_log(
         trainer, state, step, source, preprocess, B, writer, plateau
     )
 
