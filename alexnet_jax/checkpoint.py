@@ -96,13 +96,17 @@ class Checkpointer:
             ),
         )["data"].get("state_layout", 1)
         if layout != STATE_LAYOUT:
-            changes = [LAYOUT_CHANGES[v] for v in range(layout + 1, STATE_LAYOUT + 1)]
+            changes = "; ".join(LAYOUT_CHANGES[v] for v in range(layout + 1, STATE_LAYOUT + 1))
+            why = (
+                f"predates a change of the train state's layout ({changes})"
+                if layout < STATE_LAYOUT
+                else "was written by a newer version of alexnet_jax"
+            )
             raise UsageError(
-                f"The checkpoint at step {step} in {self.directory} predates a change of the "
-                f"train state's layout ({'; '.join(changes) or 'a newer version wrote it'}): it "
-                f"has layout {layout}, this version resumes layout {STATE_LAYOUT}. Its parameters "
-                "still load with alexnet_jax.load_checkpoint. Use a new --workdir, or finish the "
-                "run with the version of alexnet_jax that wrote it. Nothing was changed."
+                f"The checkpoint at step {step} in {self.directory} {why}: it has layout "
+                f"{layout}, this version resumes layout {STATE_LAYOUT}. Its parameters still "
+                "load with alexnet_jax.load_checkpoint. Use a new --workdir, or finish the run "
+                "with the version of alexnet_jax that wrote it. Nothing was changed."
             )
         saved = flat_shapes(
             self._read(step, lambda: self.manager.item_metadata(step)["state"].tree)

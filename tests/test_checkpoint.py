@@ -108,9 +108,15 @@ def test_a_checkpoint_of_an_earlier_state_layout_is_refused_but_its_parameters_l
 
 
 def test_a_current_checkpoint_is_stamped_with_its_layout(tiny, tmp_path):
-    _saved_at_step_4(tiny(), tmp_path)
-    data = json.loads((tmp_path / "checkpoints" / "4" / "data" / "metadata").read_text())
+    config = tiny()
+    trainer = _saved_at_step_4(config, tmp_path)
+    path = tmp_path / "checkpoints" / "4" / "data" / "metadata"
+    data = json.loads(path.read_text())
     assert data["state_layout"] == checkpoint.STATE_LAYOUT == 2
+    checkpoint.Checkpointer(str(tmp_path)).check_compatible(trainer.abstract_state)  # resumable
+    path.write_text(json.dumps({**data, "state_layout": 3}))  # as a later version might
+    with pytest.raises(UsageError, match="was written by a newer version of alexnet_jax"):
+        checkpoint.Checkpointer(str(tmp_path)).check_compatible(trainer.abstract_state)
 
 
 @pytest.mark.parametrize("mesh", [(8, 1), (2, 1), (1, 1)])
