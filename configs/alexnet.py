@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.data = -1  # data-parallel axis; -1: the devices left after `model`
     config.mesh.model = 1  # 1: each device holds both towers; 2: one tower per device (the paper)
 
+    # Each key is a field of alexnet_jax.model.AlexNet, which checks it: a new option is one
+    # line here and one field there.
     config.model = ml_collections.ConfigDict()
     config.model.variant = "paper"  # 'paper' (2012) or 'owt' (Krizhevsky 2014, torchvision)
     config.model.num_classes = 1000
