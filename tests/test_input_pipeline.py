@@ -179,15 +179,16 @@ def _indexed_source(n, log=None):
 def test_eval_counts_every_example_once(count):
     source = _indexed_source(37)  # not a multiple of the batch of 8
     p = _pre(image_size=4, resize_size=4)
-    labels, batches_seen = [], []
+    labels, weights, batches_seen = [], [], []
     for index in range(count):
         ds = ip.eval_dataset(source, p, batch_size=8, process_index=index, process_count=count)
         batches = list(ip.iterate(ds, source.eval))
         batches_seen.append(len(batches))
         for b in batches:
-            assert set(np.unique(b["weights"])) <= {0.0, 1.0}
             labels += b["labels"][b["weights"] == 1].tolist()
+            weights += b["weights"].tolist()
     assert batches_seen == [5] * count  # ceil(37 / 8), the same on every process
+    assert set(weights) == {0.0, 1.0} and sum(weights) == 37 == source.eval.size
     assert sorted(labels) == list(range(37))  # each example exactly once
 
 

@@ -72,6 +72,10 @@ def test_image_folder_source(tmp_path):
             assert int(image.numpy()[0, 0, 0]) // 40 == int(label)  # the folder's class
             labels.append(int(label))
         assert sorted(labels) == [0, 0, 0, 1, 1, 1]
+    p = ip.Preprocess(ip.IMAGENET_STATS, image_size=67, resize_size=72)
+    ds = ip.train_dataset(source, p, seed=0, batch_size=4, start_step=0, num_steps=2)
+    batches = list(ip.iterate(ds, source.train))
+    assert len(batches) == 2 and batches[0]["images"].shape == (4, 67, 67, 3)
 
 
 def test_image_folder_errors(tmp_path):
