@@ -12,7 +12,7 @@ from configs import alexnet, digits, owt
 
 def init_params(model: AlexNet, image_size: int, seed: int = 0) -> dict:
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return model.init(jax.random.PRNGKey(seed), x, train=False)["params"]
+    return jax.jit(lambda key: model.init(key, x, train=False)["params"])(jax.random.PRNGKey(seed))
 
 
 PAPER_MAPS = {
@@ -206,8 +206,8 @@ def test_dropout_sits_after_fc6_and_fc7_in_the_paper_and_before_in_owt():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 67, 67, 3))
     keep = (jnp.ones((4, 64), bool), jnp.ones((4, 64), bool))
     drop = (jnp.zeros((4, 64), bool), jnp.ones((4, 64), bool))
-    full = model.apply({"params": params}, x, train=True, dropout_masks=keep)
-    zeroed = model.apply({"params": params}, x, train=True, dropout_masks=drop)
+    apply = jax.jit(lambda m: model.apply({"params": params}, x, train=True, dropout_masks=m))
+    full, zeroed = apply(keep), apply(drop)
     # fc6's output all dropped: fc7 sees zeros, so every example gets the same logits.
     np.testing.assert_allclose(zeroed, jnp.broadcast_to(zeroed[:1], zeroed.shape), rtol=1e-6)
     assert not np.allclose(full, jnp.broadcast_to(full[:1], full.shape))
@@ -240,9 +240,12 @@ def test_the_head_with_dropout_equals_the_papers_and_torchvisions_order(variant,
         jax.random.bernoulli(k, 0.5, (4, f))
         for k, f in zip(keys, model.dropout_features(image_size), strict=True)
     )
-    logits, inter = model.apply(
-        {"params": params}, x, train=True, dropout_masks=masks, mutable="intermediates"
+    apply = jax.jit(
+        lambda p, x, m: model.apply(
+            {"params": p}, x, train=True, dropout_masks=m, mutable="intermediates"
+        )
     )
+    logits, inter = apply(params, x, masks)
     features = inter["intermediates"]["conv5_pool"][0]
     want = _head_reference(variant, features, params, masks, 0.5)
     kept = tuple(np.ones(m.shape, bool) for m in masks)

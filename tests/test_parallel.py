@@ -1,6 +1,8 @@
 """The tower-sharded step equals a plain single-device step on every mesh; the mesh checks; the
 per-example loss and ranks from class-sharded logits; the global dropout masks."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,13 +30,16 @@ def _reference_step(config, params, images, labels, masks):
         logits = model.apply({"params": p}, images, train=True, dropout_masks=masks or None)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     tx = Optimizer.from_config(config.optimizer).tx
     opt_state = set_learning_rate(tx.init(params), jnp.float32(0.01))
-    # Two updates, so the momentum term takes part in the comparison.
+    return loss, grads, jax.jit(partial(_two_updates, tx))(grads, opt_state, params)
+
+
+def _two_updates(tx, grads, opt_state, params):
+    """The second of two updates with the same gradients, so momentum takes part."""
     updates, opt_state = tx.update(grads, opt_state, params)
-    updates2, _ = tx.update(grads, opt_state, optax.apply_updates(params, updates))
-    return loss, grads, updates2
+    return tx.update(grads, opt_state, optax.apply_updates(params, updates))[0]
 
 
 @pytest.mark.parametrize(
@@ -69,11 +74,10 @@ def test_sharded_step_equals_single_device(tiny, dropout, classes):
             np.testing.assert_array_equal(a, b)
         grad_fn = jax.jit(jax.value_and_grad(trainer.loss_fn, has_aux=True))
         (loss, _), grads = grad_fn(state.params, batch["images"], batch["labels"], drawn)
-        tx = trainer.optimizer.tx
         opt_state = set_learning_rate(state.opt_state, jnp.float32(0.01))
-        updates, opt_state = tx.update(grads, opt_state, state.params)
-        moved = optax.apply_updates(state.params, updates)
-        updates2, _ = tx.update(grads, opt_state, moved)
+        updates2 = jax.jit(partial(_two_updates, trainer.optimizer.tx))(
+            grads, opt_state, state.params
+        )
 
         assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss)), (data, model)
         for name in params:

@@ -79,7 +79,8 @@ def test_one_step_lowers_the_loss_and_compiles_once(tiny, variant):
     trainer, mesh = _trainer(config)
     state = trainer.init_state(0)
     batch = parallel.global_batch(mesh, _fixed_batch(config))
-    loss = lambda s: float(trainer.loss_fn(s.params, batch["images"], batch["labels"], ())[0])
+    loss_fn = jax.jit(lambda p: trainer.loss_fn(p, batch["images"], batch["labels"], ())[0])
+    loss = lambda s: float(loss_fn(s.params))
     before = loss(state)
     params0 = jax.device_get(state.params)
     sums = Accumulator()  # bounded dispatch, as the training loop does
