@@ -108,9 +108,7 @@ class Checkpointer:
                 "load with alexnet_jax.load_checkpoint. Use a new --workdir, or finish the run "
                 "with the version of alexnet_jax that wrote it. Nothing was changed."
             )
-        saved = flat_shapes(
-            self._read(step, lambda: self.manager.item_metadata(step)["state"].tree)
-        )
+        saved = flat_shapes(self._state_metadata(step))
         lines = describe_mismatch(saved, flat_shapes(abstract_state))
         params = [line for line in lines if line.startswith("  params/")]
         lines = params or lines  # optimizer slots mirror the parameters: name those
@@ -137,9 +135,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory} holds no finished checkpoint.")
-        meta = self._read(step, lambda: self.manager.item_metadata(step)["state"].tree)
         target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+            self._state_metadata(step),
         )
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
@@ -148,6 +146,10 @@ class Checkpointer:
         )
         r = self._read(step, lambda: self.manager.restore(step, args=args))
         return Saved(int(step), r["state"], ml_collections.ConfigDict(r["config"]), r["data"])
+
+    def _state_metadata(self, step: int) -> Any:
+        """The saved state's tree of array metadata (shapes, dtypes), read without the arrays."""
+        return self._read(step, lambda: self.manager.item_metadata(step)["state"].tree)
 
     def _read(self, step: int, read: Callable[[], Any]) -> Any:
         try:
