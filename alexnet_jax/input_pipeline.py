@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import ml_collections
@@ -198,14 +198,13 @@ def get_stats(
 # ----------------------------------------------------------------------------------- streams
 
 
-def _process_slice(ds: tf.data.Dataset, batch: int, index: int, count: int) -> tf.data.Dataset:
-    """This process's rows of every whole global batch (before decoding, so each process
-    decodes only its own share and every process sees the same number of batches)."""
-    local = batch // count
+def _process_rows(ds: tf.data.Dataset, batch: int, rows: Sequence[int] | None) -> tf.data.Dataset:
+    """These rows of every whole global batch (all when None), before decoding: each process
+    decodes only what its devices hold and every process sees the same number of batches."""
     ds = ds.batch(batch, drop_remainder=True)
-    ds = ds.map(
-        lambda *x: tf.nest.map_structure(lambda t: t[index * local : (index + 1) * local], x)
-    )
+    if rows is not None and len(rows) < batch:
+        rows = tf.constant(rows, tf.int64)
+        ds = ds.map(lambda *x: tf.nest.map_structure(lambda t: tf.gather(t, rows), x))
     return ds.unbatch()
 
 
@@ -217,10 +216,10 @@ def train_dataset(
     batch_size: int,
     start_step: int,
     num_steps: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows: Sequence[int] | None = None,
 ) -> tf.data.Dataset:
-    """This process's slice of global train batches start_step .. num_steps-1."""
+    """Global train batches start_step .. num_steps-1, or only their `rows` (see
+    parallel.process_rows)."""
     n = source.train.size
     first = start_step * batch_size
     epoch0, offset = divmod(first, n)
@@ -229,7 +228,7 @@ def train_dataset(
     for e in range(epoch0 + 1, last_epoch + 1):
         ds = ds.concatenate(source.train.epoch(e, seed, 0))
     ds = ds.enumerate(start=first)
-    ds = _process_slice(ds, batch_size, process_index, process_count)
+    ds = _process_rows(ds, batch_size, rows)
 
     def prepare(g, key):
         image, label = source.train.decode(key)
@@ -237,7 +236,7 @@ def train_dataset(
         return {"images": train_preprocess(image, example_seed, preprocess), "labels": label}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size // process_count, drop_remainder=True)
+    ds = ds.batch(batch_size if rows is None else len(rows), drop_remainder=True)
     return ds.take(num_steps - start_step).prefetch(AUTOTUNE)
 
 
@@ -246,14 +245,14 @@ def eval_dataset(
     preprocess: Preprocess,
     *,
     batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows: Sequence[int] | None = None,
 ) -> tf.data.Dataset:
-    """Every eval example exactly once; the last global batch is padded with weight-0 rows."""
+    """Every eval example exactly once (of the global batches; a process reads its `rows`);
+    the last global batch is padded with weight-0 rows."""
     split = source.eval
     real = split.epoch(0, 0, 0).map(lambda key: (key, 1.0))
     ds = real.concatenate(tf.data.Dataset.from_tensors((split.pad_key, 0.0)).repeat(batch_size - 1))
-    ds = _process_slice(ds.enumerate(), batch_size, process_index, process_count)
+    ds = _process_rows(ds.enumerate(), batch_size, rows)
 
     def prepare(g, example):
         key, weight = example
@@ -265,7 +264,8 @@ def eval_dataset(
         return {"images": eval_preprocess(image, preprocess), "labels": label, "weights": weight}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size // process_count, drop_remainder=True).prefetch(AUTOTUNE)
+    local = batch_size if rows is None else len(rows)
+    return ds.batch(local, drop_remainder=True).prefetch(AUTOTUNE)
 
 
 def iterate(ds: tf.data.Dataset, split: Split) -> Iterator[dict[str, np.ndarray]]:

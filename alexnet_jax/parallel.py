@@ -9,7 +9,7 @@ class-sharded logits with per-example reductions, so they add no traffic beyond 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -63,10 +63,6 @@ def check_mesh(
         raise UsageError(
             f"batch_size={batch_size} is not divisible by mesh.data={d}: every data shard needs "
             f"the same number of examples. Use a multiple of {d}."
-        )
-    if batch_size % process_count:
-        raise UsageError(
-            f"batch_size={batch_size} is not divisible by the {process_count} processes."
         )
 
 
@@ -129,10 +125,30 @@ def mask_spec(mesh: Mesh) -> P:
     return P(DATA, MODEL) if mesh.shape[MODEL] > 1 else P(DATA)
 
 
-def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded over DATA (rows of process i are slice i)."""
-    sharding = batch_sharded(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def process_rows(
+    mesh: Mesh, batch_size: int, devices: Collection[jax.Device] | None = None
+) -> np.ndarray:
+    """The global batch rows that `devices` (default: this process's) hold, in order.
+
+    A process reads exactly these: with one process per device and mesh.model = 2, the two
+    devices of a tower pair belong to different processes and both need the same rows.
+    """
+    devices = set(mesh.local_devices if devices is None else devices)
+    held = batch_sharded(mesh).devices_indices_map((batch_size,))
+    rows = {r for d, (s,) in held.items() if d in devices for r in range(*s.indices(batch_size))}
+    return np.array(sorted(rows), np.int64)
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
+    """This process's rows (`process_rows`) -> global arrays of `batch_size` rows over DATA."""
+    sharding, want = batch_sharded(mesh), len(process_rows(mesh, batch_size))
+    out = {}
+    for k, v in local.items():
+        if len(v) != want:
+            raise ValueError(f"{k}: this process holds {len(v)} rows of the batch, needs {want}")
+        shape = (batch_size, *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
 
 
 def _class_reductions(split: bool) -> tuple[Callable, Callable]:

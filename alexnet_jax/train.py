@@ -83,6 +83,8 @@ class Trainer:
         self.model = AlexNet.from_config(config.model)
         self.optimizer = Optimizer.from_config(config.optimizer)
         self.image_size = config.input.image_size
+        self.batch_size = config.batch_size
+        self.rows = parallel.process_rows(mesh, config.batch_size)  # what this process reads
         abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
         specs = parallel.param_specs(self.model, abstract.params, mesh)
         self.shardings = parallel.state_shardings(self.optimizer.tx, abstract, specs, mesh)
@@ -139,7 +141,7 @@ class Trainer:
         """Means over every example of `batches` (rows of weight 0 are padding)."""
         sums = Accumulator()
         for local in batches:
-            b = parallel.global_batch(self.mesh, local)
+            b = parallel.global_batch(self.mesh, local, self.batch_size)
             sums.add(self.eval_step(state.params, b["images"], b["labels"], b["weights"]))
         total = sums.pop()
         return {**means(total, "eval"), "eval/count": int(total["count"])}
@@ -172,7 +174,6 @@ def evaluate_and_log(
     step: int,
     source: sources.Source,
     preprocess: input_pipeline.Preprocess,
-    batch_size: int,
     writer: MetricsWriter,
     plateau: bool,
 ) -> tuple[TrainState, dict[str, float]]:
@@ -180,9 +181,8 @@ def evaluate_and_log(
     ds = input_pipeline.eval_dataset(
         source,
         preprocess,
-        batch_size=batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        batch_size=trainer.batch_size,
+        rows=trainer.rows,
     )
     metrics = trainer.evaluate(state, input_pipeline.iterate(ds, source.eval))
     log_eval(step, metrics)
@@ -249,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricsWriter(workdir, active=pid == 0)
     plateau = config.optimizer.schedule == "plateau"
     run_eval = lambda state, step: evaluate_and_log(
-        trainer, state, step, source, preprocess, B, writer, plateau
+        trainer, state, step, source, preprocess, writer, plateau
     )
 
     # Train: log, evaluate and save on their cadences.
@@ -260,13 +260,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch_size=B,
         start_step=start,
         num_steps=total,
-        process_index=pid,
-        process_count=jax.process_count(),
+        rows=trainer.rows,
     )
     batches = input_pipeline.iterate(ds, source.train)
     sums, t_log, last_log, eval_metrics = Accumulator(), time.time(), start, {}
     for step in range(start + 1, total + 1):
-        state, m = trainer.train_step(state, parallel.global_batch(mesh, next(batches)))
+        state, m = trainer.train_step(state, parallel.global_batch(mesh, next(batches), B))
         sums.add(m)
         saving = step % config.checkpoint_every_steps == 0 or step == total
         logging_now = step % config.log_every_steps == 0 or step == total

@@ -119,16 +119,9 @@ def test_stats_are_cached_in_the_workdir(tmp_path):
     assert ip.get_stats(source, 80, 10_000, str(tmp_path)) != a  # another key: recomputed
 
 
-def _stream(source, p, start, steps, seed=0, index=0, count=1, batch=32):
+def _stream(source, p, start, steps, seed=0, rows=None, batch=32):
     ds = ip.train_dataset(
-        source,
-        p,
-        seed=seed,
-        batch_size=batch,
-        start_step=start,
-        num_steps=steps,
-        process_index=index,
-        process_count=count,
+        source, p, seed=seed, batch_size=batch, start_step=start, num_steps=steps, rows=rows
     )
     return list(ip.iterate(ds, source.train))
 
@@ -148,13 +141,16 @@ def test_train_stream_is_a_function_of_seed_and_step():
         np.testing.assert_array_equal(a["labels"], b["labels"])
 
 
-def test_each_process_gets_its_slice_of_the_global_batch():
+def test_each_process_reads_its_rows_of_the_global_batch():
     source, p = sources.digits_source(), _pre()
     full = _stream(source, p, 0, 2)
-    parts = [_stream(source, p, 0, 2, index=i, count=4) for i in range(4)]
+    assert not np.array_equal(full[0]["labels"], full[1]["labels"])
+    parts = [_stream(source, p, 0, 2, rows=np.arange(8 * i, 8 * i + 8)) for i in range(4)]
+    scattered = _stream(source, p, 0, 2, rows=[3, 17, 30])  # any rows, in order
     for step in range(2):
         glued = np.concatenate([p[step]["labels"] for p in parts])
         np.testing.assert_array_equal(glued, full[step]["labels"])
+        np.testing.assert_array_equal(scattered[step]["images"], full[step]["images"][[3, 17, 30]])
 
 
 def _indexed_source(n, log=None):
@@ -176,12 +172,13 @@ def _indexed_source(n, log=None):
 
 
 @pytest.mark.parametrize("count", [1, 2])
-def test_eval_counts_every_example_once(count):
+def test_eval_counts_every_example_once(count):  # count processes, each reading its half
     source = _indexed_source(37)  # not a multiple of the batch of 8
     p = _pre(image_size=4, resize_size=4)
     labels, weights, batches_seen = [], [], []
     for index in range(count):
-        ds = ip.eval_dataset(source, p, batch_size=8, process_index=index, process_count=count)
+        rows = np.arange(index * 8 // count, (index + 1) * 8 // count)
+        ds = ip.eval_dataset(source, p, batch_size=8, rows=rows)
         batches = list(ip.iterate(ds, source.eval))
         batches_seen.append(len(batches))
         for b in batches:
@@ -221,7 +218,7 @@ def test_processes_read_disjoint_examples():
     for index in range(2):
         log = []
         src = _indexed_source(40, log)
-        batches = _stream(src, p, 0, 3, index=index, count=2, batch=8)
+        batches = _stream(src, p, 0, 3, rows=np.arange(4 * index, 4 * index + 4), batch=8)
         labels.append(np.concatenate([b["labels"] for b in batches]))
         reads.append(set(log))
     order = (

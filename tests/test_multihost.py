@@ -1,4 +1,4 @@
-"""Two processes on 127.0.0.1 (2 simulated devices each) train like one process with 4."""
+"""Several processes on 127.0.0.1 (simulated CPU devices) train like one process with 4."""
 
 import json
 import os
@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import CACHE, REPO, tiny_flags
 
 ARGS = tiny_flags(
@@ -48,31 +49,49 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    multi, single = tmp_path / "multi", tmp_path / "single"
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The reference: one process with four devices."""
+    workdir = tmp_path_factory.mktemp("single")
+    r = subprocess.run(_cmd(workdir), env=_env(4), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _losses(workdir)
+
+
+def _run_processes(workdir, n, devices_each):
     addr = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
-            _cmd(multi, f"--coordinator_address={addr}", "--num_processes=2", f"--process_id={i}"),
-            env=_env(2),
+            _cmd(
+                workdir,
+                f"--coordinator_address={addr}",
+                f"--num_processes={n}",
+                f"--process_id={i}",
+            ),
+            env=_env(devices_each),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for i in range(2)
+        for i in range(n)
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
-    r = subprocess.run(_cmd(single), env=_env(4), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    return outs
 
-    (a, a_eval), (b, b_eval) = _losses(multi), _losses(single)
+
+# (2, 2) keeps each tower pair inside one process; (4, 1) splits every pair over two processes,
+# which must then read the same rows.
+@pytest.mark.parametrize("n, devices_each", [(2, 2), pytest.param(4, 1, marks=pytest.mark.slow)])
+def test_processes_match_one(tmp_path, single, n, devices_each):
+    outs = _run_processes(tmp_path, n, devices_each)
+    (a, a_eval), (b, b_eval) = _losses(tmp_path), single
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert len(set(b.values())) == 4  # the loss moves: the comparison can fail
     for step in b:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), (step, a[step], b[step])
     assert a_eval["eval/count"] == b_eval["eval/count"] == 360
-    assert (multi / "checkpoints" / "4").is_dir()  # written by both processes through Orbax
+    assert (tmp_path / "checkpoints" / "4").is_dir()  # written by every process through Orbax
     assert "mesh {'data': 2, 'model': 2} on 4 devices" in outs[0]
 
 

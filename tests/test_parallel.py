@@ -68,7 +68,7 @@ def test_sharded_step_equals_single_device(tiny, dropout, classes):
         fc8_split = parallel.tower_model(trainer.model, trainer.mesh).fc8_shards > 1
         assert fc8_split == (model == 2 and classes % 2 == 0)
         state = trainer.init_state(0)
-        batch = parallel.global_batch(trainer.mesh, {"images": images, "labels": labels})
+        batch = parallel.global_batch(trainer.mesh, {"images": images, "labels": labels}, 8)
         drawn = parallel.dropout_masks(jax.random.PRNGKey(3), trainer.model, 8, 67, trainer.mesh)
         for a, b in zip(drawn, masks, strict=True):  # masks: the same on every mesh
             np.testing.assert_array_equal(a, b)
@@ -99,7 +99,7 @@ def test_ten_patch_eval_averages_the_softmax(tiny, mesh):
     labels = np.array([0, 3, 5, 9], np.int32)
     weights = np.array([1, 1, 1, 0], np.float32)  # the last row is padding
     batch = parallel.global_batch(
-        trainer.mesh, {"images": images, "labels": labels, "weights": weights}
+        trainer.mesh, {"images": images, "labels": labels, "weights": weights}, 4
     )
     sums = jax.device_get(trainer.eval_step(state.params, *batch.values()))
 
@@ -153,12 +153,33 @@ def test_nan_logits_count_as_errors():
 
 
 def test_mesh_checks_per_process():
-    # 2 processes x 3 devices, mesh (3, 2): 9 splits over the data axis but not per process.
-    with pytest.raises(UsageError, match="not divisible by the 2 processes"):
-        parallel.check_mesh(-1, 2, 2, 9, num_devices=6, process_count=2)
     with pytest.raises(UsageError, match="must use all 8 devices of a multi-process run"):
         parallel.check_mesh(2, 2, 2, 8, num_devices=8, process_count=2)
     parallel.check_mesh(-1, 2, 2, 8, num_devices=8, process_count=2)  # fine: no exception
+    parallel.check_mesh(-1, 2, 2, 9, num_devices=6, process_count=2)  # rows overlap: fine too
+
+
+def test_each_device_set_reads_the_rows_its_devices_hold():
+    mesh = parallel.create_mesh(2, 2)  # [[d0, d1], [d2, d3]]: a tower pair per row
+    d = mesh.devices
+    rows = lambda *devs: parallel.process_rows(mesh, 8, devs).tolist()
+    # One process per device: both devices of a pair read the pair's rows.
+    assert rows(d[0, 0]) == rows(d[0, 1]) == [0, 1, 2, 3]
+    assert rows(d[1, 0]) == rows(d[1, 1]) == [4, 5, 6, 7]
+    assert rows(d[0, 0], d[0, 1]) == [0, 1, 2, 3]  # a process per pair
+    assert rows(d[0, 0], d[1, 1]) == list(range(8))
+    assert parallel.process_rows(mesh, 8).tolist() == list(range(8))  # this process: all
+    # (3, 2) over two processes of three devices: the middle pair is split, so both read it.
+    mesh = parallel.create_mesh(3, 2)
+    first, second = mesh.devices.flat[:3], mesh.devices.flat[3:6]
+    assert parallel.process_rows(mesh, 9, first).tolist() == list(range(6))
+    assert parallel.process_rows(mesh, 9, second).tolist() == list(range(3, 9))
+
+
+def test_a_batch_of_the_wrong_size_is_refused():
+    mesh = parallel.create_mesh(4, 2)
+    with pytest.raises(ValueError, match="holds 4 rows of the batch, needs 8"):
+        parallel.global_batch(mesh, {"labels": np.zeros(4, np.int32)}, 8)
 
 
 @pytest.mark.parametrize("classes, fc8_split", [(10, True), (7, False)])
