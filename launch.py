@@ -20,7 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and 
 _CACHE = flags.DEFINE_string(
     "compilation_cache_dir",
     "~/.cache/alexnet_jax/xla",
-    "Persistent XLA compilation cache ('' to disable): restarts skip most compilation.",
+    "Persistent XLA compilation cache ('' to disable): restarts skip most compilation. "
+    "Only process 0 writes it: on several hosts, give a shared directory or gs://...",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process: host:port of process 0 (with the two below)."
@@ -31,28 +32,39 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def init_distributed() -> None:
-    """jax.distributed: explicit flags, else auto-detected on SLURM (several tasks) and Cloud
-    TPU VMs; a single process on anything else."""
+    """jax.distributed from the flags, else from SLURM's srun, Open MPI or a Cloud TPU slice;
+    a single process on anything else. Each process drives the devices cluster.py gives it."""
+    from alexnet_jax import cluster
+
+    args = cluster.distributed_args(
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        os.environ,
+        cluster.visible_gpus(os.environ),
+        tpu=importlib.util.find_spec("libtpu") is not None,
+    )
+    cluster.initialize(args)
+    logging.info("%s", cluster.describe())  # every process: the first line to read on a cluster
+
+
+def set_compilation_cache(path: str) -> None:
+    """Only process 0 writes JAX's persistent cache: on a per-host directory the other hosts
+    never find their programs there, so multi-host runs want a shared or gs:// path."""
     import jax
 
-    given = {
-        "--coordinator_address": _COORDINATOR.value,
-        "--num_processes": _NUM_PROCESSES.value,
-        "--process_id": _PROCESS_ID.value,
-    }
-    missing = [k for k, v in given.items() if v is None]
-    if len(missing) < 3:
-        if missing:
-            set_ = [k for k in given if k not in missing]
-            from alexnet_jax import UsageError
-
-            raise UsageError(
-                f"{', '.join(set_)} given without {', '.join(missing)}: a multi-process run "
-                "needs all three (or none, on SLURM and Cloud TPU, where JAX finds them)."
-            )
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or importlib.util.find_spec("libtpu"):
-        jax.distributed.initialize()
+    if not path:
+        return
+    if "://" not in path:
+        path = os.path.expanduser(path)
+    if jax.process_count() > 1 and _CACHE.value == _CACHE.default:
+        logging.warning(
+            "--compilation_cache_dir=%s is per host, and only process 0 writes it: pass a "
+            "directory every host shares (or gs://...) so that restarts skip compiling.",
+            _CACHE.default,
+        )
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _dotted_keys(config, prefix: str = "") -> list[str]:
@@ -94,17 +106,19 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    from alexnet_jax import UsageError, cluster
+
+    # Before anything starts a backend: XLA reads its flags once.
+    os.environ["XLA_FLAGS"] = cluster.xla_flags(os.environ.get("XLA_FLAGS", ""))
     import jax
 
-    from alexnet_jax import UsageError, train
+    from alexnet_jax import train
 
     try:
         init_distributed()
         if jax.process_index() > 0:  # one console log is enough; errors still show everywhere
             logging.set_verbosity(logging.WARNING)
-        if _CACHE.value:
-            jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        set_compilation_cache(_CACHE.value)
         logging.info("config:\n%s", _CONFIG.value)
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except UsageError as e:

@@ -4,14 +4,15 @@ needs of the data beside it; periodic saves, auto-resume, and reads onto any dev
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from alexnet_jax import cluster
 from alexnet_jax.errors import UsageError
 
 # The layout of the saved train state's tree, stored with every checkpoint (absent: 1). A run
@@ -60,8 +61,8 @@ class Checkpointer:
     """workdir/checkpoints: the train state, the config and what predict needs of the data
     (class names, input statistics), saved together at a step."""
 
-    def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
-        self.directory = Path(workdir).expanduser().resolve() / "checkpoints"
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3, read_only: bool = False):
+        self.directory = cluster.workdir_path(workdir) / "checkpoints"
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(
                 f"No checkpoints in {self.directory}: train first with "

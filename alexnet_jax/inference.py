@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -47,7 +48,7 @@ class Restored:
 
 
 def load_checkpoint(
-    workdir: str, step: int | None = None, device: jax.Device | None = None
+    workdir: str | os.PathLike, step: int | None = None, device: jax.Device | None = None
 ) -> Restored:
     """Restore a run's parameters onto one device (default: the first), whatever mesh wrote them."""
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])

@@ -13,11 +13,11 @@ import dataclasses
 import json
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from etils import epath
 
 from alexnet_jax.errors import UsageError
 from alexnet_jax.sources import Source, Split
@@ -175,13 +175,17 @@ def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
 
 
 def get_stats(
-    source: Source, resize_size: int, max_images: int, workdir: str | None, write: bool = True
+    source: Source,
+    resize_size: int,
+    max_images: int,
+    workdir: epath.PathLike | None,
+    write: bool = True,
 ) -> Stats:
     """ImageNet's built-in statistics, else the training split's, cached in workdir."""
     if source.name == "imagenet2012":
         return IMAGENET_STATS
     key = f"{source.fingerprint}|resize={resize_size}|max={max_images}"
-    path = Path(workdir) / "input_stats.json" if workdir else None
+    path = epath.Path(workdir) / "input_stats.json" if workdir else None
     if path is not None and path.exists():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:

@@ -4,32 +4,35 @@ metrics.jsonl and TensorBoard, and the console's log lines and layer table."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+from collections import deque
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import tensorflow as tf
 from absl import logging
+from etils import epath
 
 from alexnet_jax.model import AlexNet, param_count
 
 
 class Accumulator:
-    """Sums the metric sums of dispatched steps on the devices, keeping the host one step ahead
-    of the devices and no more. Unbounded async dispatch deadlocked XLA's CPU collectives
-    (seen: 7 of 8 simulated devices waiting forever in an all-reduce rendezvous), and buys
-    nothing on accelerators."""
+    """Sums the metric sums of dispatched steps on the devices, keeping the host at most
+    `depth` steps ahead of the devices. Unbounded async dispatch deadlocked XLA's CPU
+    collectives (seen: 7 of 8 simulated devices waiting forever in an all-reduce rendezvous),
+    so CPU runs use depth 1 (cluster.dispatch_depth)."""
 
-    def __init__(self) -> None:
+    def __init__(self, depth: int = 1) -> None:
         self.total: dict | None = None  # on the devices
-        self._newest: dict | None = None
+        self.depth = depth
+        self._in_flight: deque = deque()
 
     def add(self, sums: dict) -> None:
-        """Add a step's sums once the step before it has finished."""
-        if self._newest is not None:
-            jax.block_until_ready(self._newest)
-        self._newest = sums
+        """Add a step's sums once fewer than `depth` steps before it are unfinished."""
+        while len(self._in_flight) >= self.depth:
+            jax.block_until_ready(self._in_flight.popleft())
+        self._in_flight.append(sums)
         self.total = sums if self.total is None else jax.tree.map(jnp.add, self.total, sums)
 
     def pop(self) -> dict:
@@ -51,11 +54,12 @@ def means(sums: dict, prefix: str) -> dict[str, float]:
 class MetricsWriter:
     """metrics.jsonl and TensorBoard events in workdir; silent on every process but 0."""
 
-    def __init__(self, workdir: str, active: bool):
+    def __init__(self, workdir: epath.PathLike, active: bool):
         self.active = active
         if active:
-            self.path = Path(workdir) / "metrics.jsonl"
-            self.tb = tf.summary.create_file_writer(str(Path(workdir) / "tensorboard"))
+            workdir = epath.Path(workdir)  # a gs://... URL stays one
+            self.path = workdir / "metrics.jsonl"
+            self.tb = tf.summary.create_file_writer(os.fspath(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:

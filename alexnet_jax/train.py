@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -15,7 +15,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from alexnet_jax import checkpoint, input_pipeline, parallel, sources
+from alexnet_jax import checkpoint, cluster, input_pipeline, parallel, sources
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import Accumulator, MetricsWriter, layer_table, log_eval, log_train, means
 from alexnet_jax.model import AlexNet
@@ -139,7 +139,7 @@ class Trainer:
 
     def evaluate(self, state: TrainState, batches: Iterable[dict]) -> dict[str, float]:
         """Means over every example of `batches` (rows of weight 0 are padding)."""
-        sums = Accumulator()
+        sums = Accumulator(cluster.dispatch_depth(jax.default_backend()))
         for local in batches:
             b = parallel.global_batch(self.mesh, local, self.batch_size)
             sums.add(self.eval_step(state.params, b["images"], b["labels"], b["weights"]))
@@ -204,13 +204,17 @@ def stop_if_diverged(sums: Accumulator, step: int, ckpt: checkpoint.Checkpointer
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, float]:
     """Train (resuming from workdir's newest checkpoint) and return the final eval metrics."""
     # Check everything, then restore (which refuses a checkpoint this run cannot resume),
     # before anything is written.
     pid = jax.process_index()
     check_config(config, jax.device_count(), jax.process_count())
-    Path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir = cluster.workdir_path(workdir)  # gs://... stays a URL
+    workdir.mkdir(parents=True, exist_ok=True)
+    cluster.check_same_workdir(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
     source = create_source(config)
     trainer = Trainer(config, mesh)
@@ -263,7 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         rows=trainer.rows,
     )
     batches = input_pipeline.iterate(ds, source.train)
-    sums, t_log, last_log, eval_metrics = Accumulator(), time.time(), start, {}
+    depth = cluster.dispatch_depth(jax.default_backend())
+    sums, t_log, last_log, eval_metrics = Accumulator(depth), time.time(), start, {}
     for step in range(start + 1, total + 1):
         state, m = trainer.train_step(state, parallel.global_batch(mesh, next(batches), B))
         sums.add(m)

@@ -1,0 +1,246 @@
+"""How a run meets its machines: which processes start `jax.distributed` and which devices each
+one drives (SLURM, Open MPI, Cloud TPU, explicit flags), the XLA flags set before the backend
+starts, how far the host may run ahead of the devices, and the start-up checks that every
+process sees the devices and the workdir it should.
+
+Everything here runs before the model exists; parallel.py decides what the devices then hold.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from alexnet_jax.errors import UsageError
+
+GPU_XLA_FLAGS = (
+    # Let XLA move collectives (the data-parallel gradient all-reduce, the towers' all-gathers)
+    # to overlap with the convolutions around them; NVIDIA's JAX containers set it by default.
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+)
+
+
+def xla_flags(user: str) -> str:
+    """`user`'s XLA_FLAGS plus ours, leaving any flag the user set to the user's value.
+    (GPU flags are known to every XLA build, so they are harmless on CPU and TPU.)"""
+    given = {f.split("=", 1)[0] for f in user.split()}
+    ours = [f for f in GPU_XLA_FLAGS if f.split("=", 1)[0] not in given]
+    return " ".join([user.strip(), *ours]).strip()
+
+
+def dispatch_depth(backend: str) -> int:
+    """Train steps the host may dispatch before waiting for the oldest. XLA's CPU collectives
+    deadlocked with unbounded dispatch (see metrics.Accumulator); accelerators need a step or
+    two queued to stay busy while the host prepares the next batch."""
+    return 1 if backend == "cpu" else 2
+
+
+# ----------------------------------------------------------------------- processes -> devices
+
+
+def visible_gpus(env: Mapping[str, str]) -> int | None:
+    """How many NVIDIA GPUs this process may use, read before JAX starts (None: unknown)."""
+    spec = env.get("CUDA_VISIBLE_DEVICES")
+    if spec is not None:
+        ids = [s for s in spec.split(",") if s.strip()]
+        return 0 if spec.strip() == "NoDevFiles" else len(ids)
+    return len(glob.glob("/dev/nvidia[0-9]*")) or None
+
+
+def _slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
+    """This node's entry of SLURM's tasks-per-node list, e.g. '2(x3),1' -> 2, 2, 2, 1."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return None
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            return None
+        counts += [int(m[1])] * int(m[2] or 1)
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else None
+
+
+def _node_view(env: Mapping[str, str]) -> tuple[int, int, bool] | None:
+    """(processes on this node, this one's local rank, whether the launcher bound GPUs to each
+    process) as SLURM, Open MPI or torchrun-style launchers say; None when none does."""
+    if "SLURM_STEP_NODELIST" in env and "SLURM_LOCALID" in env:
+        tasks = _slurm_tasks_on_node(env)
+        bound = "SLURM_GPUS_PER_TASK" in env
+        return (tasks, int(env["SLURM_LOCALID"]), bound) if tasks else None
+    for size, rank in (
+        ("OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        ("LOCAL_WORLD_SIZE", "LOCAL_RANK"),
+    ):
+        if size in env and rank in env:
+            return int(env[size]), int(env[rank]), False
+    return None
+
+
+def local_device_ids(env: Mapping[str, str], gpus: int | None) -> list[int] | None:
+    """The GPU ordinals this process drives: all it sees when it is alone on its node or its
+    GPUs were bound to it, else its equal share of the node's. None leaves the choice to JAX
+    (no GPUs seen, or the user set JAX_LOCAL_DEVICE_IDS, which JAX reads itself)."""
+    if not gpus or "JAX_LOCAL_DEVICE_IDS" in env:
+        return None
+    view = _node_view(env)
+    if view is None:
+        return list(range(gpus))
+    tasks, rank, bound = view
+    if tasks == 1 or bound or gpus < tasks:  # gpus < tasks: each was given its own few
+        return list(range(gpus))
+    if gpus % tasks:
+        raise UsageError(
+            f"{tasks} processes on this node share its {gpus} GPUs, which do not divide "
+            f"evenly: start one process per node (it drives every GPU), one per GPU "
+            f"(--ntasks-per-node={gpus}), or bind GPUs with --gpus-per-task."
+        )
+    share = gpus // tasks
+    return list(range(rank * share, (rank + 1) * share))
+
+
+def _undetected_launch(env: Mapping[str, str]) -> str | None:
+    """One line when several processes were started in a way JAX cannot join up itself."""
+    if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" not in env:
+        if int(env.get("SLURM_NTASKS", "1")) > 1:
+            return (
+                f"this is the batch script of a SLURM job of {env['SLURM_NTASKS']} tasks, run "
+                "without srun: start the processes with `srun python launch.py ...` inside it"
+            )
+        return None
+    for size, launcher in (
+        ("OMPI_COMM_WORLD_SIZE", "Open MPI"),
+        ("PMI_SIZE", "an MPI launcher"),
+        ("WORLD_SIZE", "a torchrun-style launcher"),
+    ):
+        if int(env.get(size, "1")) > 1 and not (
+            launcher == "Open MPI" and "OMPI_MCA_orte_hnp_uri" in env  # Open MPI 4: JAX finds it
+        ):
+            return (
+                f"{env[size]} processes were started by {launcher} ({size}), which JAX does not "
+                "detect: give each --coordinator_address=HOST:PORT (of process 0), "
+                f"--num_processes={env[size]} and --process_id=its rank"
+            )
+    return None
+
+
+def distributed_args(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    env: Mapping[str, str],
+    gpus: int | None,
+    tpu: bool = False,
+) -> dict[str, Any] | None:
+    """The keyword arguments for jax.distributed.initialize, or None for a single process.
+
+    Arguments JAX detects itself (SLURM's srun, Open MPI 4, Cloud TPU) are left out, except the
+    devices: JAX gives each SLURM or Open MPI process only the GPU numbered by its local rank,
+    which leaves all but one GPU of a one-process-per-node job idle and names a GPU that does
+    not exist when the launcher already bound one GPU to each process.
+    """
+    given = {
+        "--coordinator_address": coordinator_address,
+        "--num_processes": num_processes,
+        "--process_id": process_id,
+    }
+    missing = [k for k, v in given.items() if v is None]
+    if 0 < len(missing) < 3:
+        set_ = [k for k in given if k not in missing]
+        raise UsageError(
+            f"{', '.join(set_)} given without {', '.join(missing)}: a multi-process run needs "
+            "all three (or none, under srun, Open MPI and on Cloud TPU, where JAX finds them)."
+        )
+    ids = {"local_device_ids": local_device_ids(env, gpus)}
+    if not missing:
+        return {
+            "coordinator_address": coordinator_address,
+            "num_processes": num_processes,
+            "process_id": process_id,
+            **ids,
+        }
+    if problem := _undetected_launch(env):
+        raise UsageError(problem + ".")
+    if "SLURM_STEP_NODELIST" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return ids
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return ids
+    if tpu:
+        return {}
+    return None
+
+
+def initialize(args: dict[str, Any] | None) -> None:
+    """Start jax.distributed with `args` (see distributed_args), then refuse a process whose
+    devices are not the ones it was given."""
+    if args is not None:
+        jax.distributed.initialize(**args)
+    wanted = (args or {}).get("local_device_ids")
+    if wanted is None:
+        return
+    devices = jax.local_devices()
+    if devices[0].platform != "gpu" or len(devices) != len(wanted):
+        raise UsageError(
+            f"this process should drive GPUs {wanted} but JAX sees {len(devices)} "
+            f"{devices[0].platform} device(s): install JAX's CUDA build (jax[cuda12] or "
+            "jax[cuda13]), or set CUDA_VISIBLE_DEVICES to the GPUs this process may use."
+        )
+
+
+def describe() -> str:
+    """Processes, this one's devices and all devices, for the first lines of every log."""
+    local = jax.local_devices()
+    return (
+        f"process {jax.process_index()} of {jax.process_count()}: {len(local)} local "
+        f"{local[0].platform} device(s) {[d.id for d in local]}, {jax.device_count()} in all"
+    )
+
+
+# -------------------------------------------------------------------------------- the workdir
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """A workdir as a path Orbax, TensorFlow and the metrics can all write: a URL (gs://...)
+    stays a URL; a local path is made absolute (Orbax wants one)."""
+    text = os.fspath(workdir)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def check_same_workdir(workdir: epath.Path) -> None:
+    """Refuse a run whose processes do not share `workdir` (each would write its own part of
+    every checkpoint): process 0 writes a token there, and every process must read it."""
+    if jax.process_count() == 1:
+        return
+    token_file = workdir / f".process_check_{jax.process_count()}"
+    token = uuid.uuid4().int % 2**31
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(str(token))
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(token)))
+    multihost_utils.sync_global_devices("workdir token written")
+    try:
+        seen = int(token_file.read_text()) == token
+    except (OSError, ValueError):
+        seen = False
+    seen_by = multihost_utils.process_allgather(np.int32(seen))
+    multihost_utils.sync_global_devices("workdir token read")
+    if jax.process_index() == 0:
+        token_file.unlink(missing_ok=True)
+    if not seen_by.all():
+        blind = [int(i) for i in np.flatnonzero(seen_by == 0)]
+        raise UsageError(
+            f"processes {blind} do not see what process 0 wrote in --workdir={workdir}: every "
+            "process must use one shared directory (a shared file system or gs://...)."
+        )
