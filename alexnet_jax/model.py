@@ -267,10 +267,15 @@ class AlexNet(nn.Module):
         y = outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
         return y + bias.astype(self.dtype)[None, None, None, :]
 
-    def _dense(self, name: str, x: jax.Array, features: int, bias_value: float) -> jax.Array:
+    def _dense(
+        self, name: str, x: jax.Array, features: int, bias_value: float, out_dtype: Any = None
+    ) -> jax.Array:
+        """x @ kernel + bias in the compute dtype, accumulated and returned in `out_dtype`."""
         kernel, bias = self._param(name, (x.shape[-1], features), bias_value)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-        return y + bias.astype(self.dtype)[None, :]
+        y = jnp.dot(
+            x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=out_dtype
+        )
+        return y + bias.astype(y.dtype)[None, :]
 
     def _dropout(self, x: jax.Array, mask: jax.Array | None, train: bool) -> jax.Array:
         if not train or self.dropout_rate == 0.0:
@@ -316,8 +321,10 @@ class AlexNet(nn.Module):
             x = self._dropout(
                 self._act(self._dense("fc7", self._gather(x), fc_local, 1.0)), masks[1], train
             )
-        x = self._dense("fc8", self._gather(x), self.num_classes // self.fc8_shards, 0.0)
-        return x.astype(jnp.float32)
+        # The logits feed a softmax over 1,000 classes: accumulate them in float32 even under
+        # bfloat16 compute, where a bfloat16 sum of 4,096 products keeps 8 bits.
+        classes = self.num_classes // self.fc8_shards
+        return self._dense("fc8", self._gather(x), classes, 0.0, out_dtype=jnp.float32)
 
 
 def param_count(params: Any) -> int:

@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from alexnet_jax.metrics import Accumulator, MetricsWriter, layer_table, means
 from alexnet_jax.model import AlexNet
@@ -22,6 +23,18 @@ def test_means_of_summed_metrics():
     assert sums.total is None  # popped: the next add starts a new sum
     sums.add({"loss": jnp.float32(3.0), "top1_errors": 0.0, "top5_errors": 0.0, "count": 2.0})
     assert means(sums.pop(), "x")["x/loss"] == 1.5
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_the_host_waits_for_the_step_depth_steps_back(monkeypatch, depth):
+    waited = []
+    monkeypatch.setattr(jax, "block_until_ready", waited.append)
+    sums = Accumulator(depth)
+    for step in range(5):
+        sums.add({"step": jnp.float32(step)})
+        # After dispatching `step`, every step up to step - depth has finished.
+        assert [float(w["step"]) for w in waited] == list(range(max(step - depth + 1, 0)))
+    assert float(sums.total["step"]) == 10.0
 
 
 def test_metrics_jsonl_has_a_line_per_write_and_only_on_process_0(tmp_path):

@@ -265,6 +265,17 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert 0 < np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_bfloat16_fc8_accumulates_in_float32():
+    model = AlexNet(num_classes=10, width=0.25, dtype=jnp.bfloat16)
+    params = init_params(model, 67)
+    x = jnp.zeros((2, 67, 67, 3))
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x))(params)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"][-3:]  # fc6-fc8
+    assert [e.invars[1].aval.shape[-1] for e in dots] == [1024, 1024, 10]
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    assert [e.outvars[0].aval.dtype for e in dots] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+
+
 def test_tanh_activation_changes_the_function():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 67, 67, 3))
     params = init_params(AlexNet(num_classes=10, width=0.25), 67)

@@ -93,6 +93,9 @@ def test_processes_match_one(tmp_path, single, n, devices_each):
     assert a_eval["eval/count"] == b_eval["eval/count"] == 360
     assert (tmp_path / "checkpoints" / "4").is_dir()  # written by every process through Orbax
     assert "mesh {'data': 2, 'model': 2} on 4 devices" in outs[0]
+    for i, out in enumerate(outs):  # every process says what it drives
+        assert f"process {i} of {n}: {devices_each} local cpu device(s)" in out
+        assert "device(s) [" in out and "], 4 in all" in out
 
 
 def test_a_multihost_flag_alone_is_refused(tmp_path):
