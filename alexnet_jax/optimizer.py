@@ -53,15 +53,37 @@ def set_learning_rate(opt_state: optax.InjectHyperparamsState, lr: jax.Array) ->
     return opt_state._replace(hyperparams=hyperparams)
 
 
+def scaled_learning_rate(learning_rate: float, batch_size: int, base_batch_size: int) -> float:
+    """The linear scaling rule (Goyal et al. 2017): `learning_rate` is the rate for a global
+    batch of `base_batch_size`; a batch k times larger takes k times the rate."""
+    if base_batch_size <= 0:
+        raise UsageError(
+            f"optimizer.base_batch_size={base_batch_size} must be positive: the global batch "
+            "that optimizer.learning_rate is meant for (the paper's 128)."
+        )
+    return learning_rate * batch_size / base_batch_size
+
+
 def make_schedule(
-    schedule: str, learning_rate: float, step_every_steps: int, step_factor: float
+    schedule: str,
+    learning_rate: float,
+    step_every_steps: int,
+    step_factor: float,
+    warmup_steps: int = 0,
 ) -> optax.Schedule:
-    """The base rate per step; 'plateau' multiplies it by the plateau state's scale."""
+    """The base rate per step, ramped up linearly over the first `warmup_steps`; 'plateau'
+    multiplies it by the plateau state's scale."""
     if schedule not in SCHEDULES:
         raise UsageError(f"optimizer.schedule={schedule!r} is unknown; use one of {SCHEDULES}.")
+    if warmup_steps < 0:
+        raise UsageError(f"optimizer.warmup_steps={warmup_steps} must be 0 (none) or positive.")
     if schedule == "step":
-        return optax.exponential_decay(learning_rate, step_every_steps, step_factor, staircase=True)
-    return optax.constant_schedule(learning_rate)
+        base = optax.exponential_decay(learning_rate, step_every_steps, step_factor, staircase=True)
+    else:
+        base = optax.constant_schedule(learning_rate)
+    if warmup_steps == 0:
+        return base
+    return lambda step: base(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
 
 
 def make_plateau(
@@ -80,11 +102,13 @@ class Optimizer:
     plateau: optax.GradientTransformationExtraArgs  # scales the base rate ('plateau' only)
 
     @classmethod
-    def from_config(cls, o: Mapping[str, Any]) -> Optimizer:
+    def from_config(cls, o: Mapping[str, Any], batch_size: int) -> Optimizer:
+        """`o` is a config's optimizer section; `batch_size` the global batch it trains."""
+        lr = scaled_learning_rate(o["learning_rate"], batch_size, o["base_batch_size"])
         return cls(
-            make_optimizer(o["learning_rate"], o["momentum"], o["weight_decay"], o["decay_biases"]),
+            make_optimizer(lr, o["momentum"], o["weight_decay"], o["decay_biases"]),
             make_schedule(
-                o["schedule"], o["learning_rate"], o["step_every_steps"], o["step_factor"]
+                o["schedule"], lr, o["step_every_steps"], o["step_factor"], o["warmup_steps"]
             ),
             make_plateau(o["plateau_factor"], o["plateau_patience"], o["plateau_min_scale"]),
         )

@@ -37,13 +37,15 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
     Each model and optimizer field is checked where it is used (AlexNet, optimizer.py), by
     building them here; this function adds the checks that span fields, the data or the mesh.
     """
-    model = AlexNet.from_config(config.model)
-    Optimizer.from_config(config.optimizer)
-    i = config.input
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UsageError(message)
+
+    need(config.batch_size > 0, f"batch_size={config.batch_size} must be positive.")
+    model = AlexNet.from_config(config.model)
+    Optimizer.from_config(config.optimizer, config.batch_size)
+    i = config.input
 
     smallest = model.min_image_size()
     need(
@@ -55,7 +57,6 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
         i.resize_size >= i.image_size,
         f"input.resize_size={i.resize_size} must be at least input.image_size={i.image_size}.",
     )
-    need(config.batch_size > 0, f"batch_size={config.batch_size} must be positive.")
     need(
         config.num_train_steps > 0 or config.num_epochs > 0,
         "Set num_train_steps > 0, or num_train_steps=-1 and num_epochs > 0.",
@@ -72,6 +73,22 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
     )
 
 
+def resolve_batch_size(
+    config: ml_collections.ConfigDict, num_devices: int
+) -> ml_collections.ConfigDict:
+    """The config, with batch_size = per_device_batch_size x mesh.data where that is set."""
+    per = config.get("per_device_batch_size")
+    if per is None:
+        return config
+    if per <= 0:
+        raise UsageError(f"per_device_batch_size={per} must be positive (or unset).")
+    data, _ = parallel.mesh_shape(config.mesh.data, config.mesh.model, num_devices)
+    config = config.copy_and_resolve_references()
+    config.batch_size = per * data
+    logging.info("batch_size = %d per data shard x %d shards = %d", per, data, config.batch_size)
+    return config
+
+
 # ------------------------------------------------------------------------------------- steps
 
 
@@ -81,7 +98,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self.mesh = mesh
         self.model = AlexNet.from_config(config.model)
-        self.optimizer = Optimizer.from_config(config.optimizer)
+        self.optimizer = Optimizer.from_config(config.optimizer, config.batch_size)
         self.image_size = config.input.image_size
         self.batch_size = config.batch_size
         self.rows = parallel.process_rows(mesh, config.batch_size)  # what this process reads
@@ -211,6 +228,7 @@ def train_and_evaluate(
     # Check everything, then restore (which refuses a checkpoint this run cannot resume),
     # before anything is written.
     pid = jax.process_index()
+    config = resolve_batch_size(config, jax.device_count())
     check_config(config, jax.device_count(), jax.process_count())
     workdir = cluster.workdir_path(workdir)  # gs://... stays a URL
     workdir.mkdir(parents=True, exist_ok=True)

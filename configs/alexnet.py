@@ -15,6 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # parameters, dropout and the input order all derive from it
     config.batch_size = 128  # global, over all devices and processes (section 5)
+    # Many devices: 128 over 32 GPUs is 4 images each, too few to keep a GPU busy. Set this
+    # instead to fix the images per data-parallel shard (a tower pair when mesh.model=2):
+    # batch_size becomes this x mesh.data, and the rate follows through base_batch_size.
+    config.per_device_batch_size = config_dict.placeholder(int)
     config.num_epochs = 90  # "roughly 90 cycles through the training set"
     config.num_train_steps = -1  # -1: num_epochs * train examples // batch_size
     config.log_every_steps = 100  # console line, metrics.jsonl, TensorBoard
@@ -56,7 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.input.stats_max_images = 10_000  # images used for mean/PCA of non-ImageNet data
 
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = 0.01  # section 5
+    config.optimizer.learning_rate = 0.01  # section 5, for a global batch of base_batch_size
+    # The rate used is learning_rate * batch_size / base_batch_size (linear scaling, Goyal et
+    # al. 2017); at 128 it is the paper's. Past ~1-2K images AlexNet without batch norm loses
+    # accuracy under this rule (You et al. 2017, who needed LARS there).
+    config.optimizer.base_batch_size = 128
+    config.optimizer.warmup_steps = 0  # linear ramp to the rate; ~5 epochs for large batches
     config.optimizer.momentum = 0.9
     config.optimizer.weight_decay = 5e-4
     config.optimizer.decay_biases = False  # weight decay on kernels only (Caffe's reference)

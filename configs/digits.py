@@ -15,6 +15,7 @@ from configs import alexnet
 def get_config() -> ml_collections.ConfigDict:
     config = alexnet.get_config()
     config.batch_size = 64
+    config.optimizer.base_batch_size = 64  # the paper's rate of 0.01 works at this batch
     config.num_train_steps = 250  # ~11 epochs of the 1,437 training digits
     config.log_every_steps = 25
     config.eval_every_steps = 125

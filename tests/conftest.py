@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The digits demo shrunk to run in seconds: 1/8 width, 67x67 inputs, batch 16, 8 steps.
 TINY = {
     "batch_size": 16,
+    "optimizer.base_batch_size": 16,  # learning_rate is the rate used (no linear scaling)
     "num_train_steps": 8,
     "log_every_steps": 4,
     "eval_every_steps": 4,
@@ -35,6 +36,8 @@ def tiny_config(**overrides):
     from configs import digits
 
     config = digits.get_config()
+    if "batch_size" in overrides:  # keep the rate: tests that change the batch mean that
+        overrides = {"optimizer.base_batch_size": overrides["batch_size"], **overrides}
     for key, value in {**TINY, **overrides}.items():
         node = config
         *parents, leaf = key.split(".")

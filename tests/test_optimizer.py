@@ -58,6 +58,22 @@ def test_schedules():
     np.testing.assert_allclose([s(0), s(9), s(10), s(25)], [0.01, 0.01, 0.001, 0.0001], rtol=1e-5)
     c = make_schedule("constant", learning_rate=0.01, step_every_steps=10, step_factor=0.1)
     np.testing.assert_allclose([c(0), c(10_000)], [0.01, 0.01], rtol=1e-6)
+    w = make_schedule("step", 0.01, step_every_steps=10, step_factor=0.1, warmup_steps=4)
+    np.testing.assert_allclose(
+        [w(0), w(1), w(3), w(9), w(10)], [0.0025, 0.005, 0.01, 0.01, 0.001], rtol=1e-5
+    )
+
+
+def test_the_rate_scales_linearly_with_the_global_batch():
+    from configs import alexnet
+
+    o = alexnet.get_config().optimizer
+    assert o.base_batch_size == 128 and o.warmup_steps == 0  # the paper, unchanged
+    rate = lambda batch: float(Optimizer.from_config(o, batch).schedule(0))
+    assert rate(128) == pytest.approx(0.01)
+    assert rate(1024) == pytest.approx(0.08)
+    o.warmup_steps = 100
+    assert rate(1024) == pytest.approx(0.08 / 100)
 
 
 @pytest.mark.parametrize(
@@ -65,13 +81,15 @@ def test_schedules():
     [
         ("schedule", "cosine", "optimizer.schedule='cosine' is unknown"),
         ("learning_rate", 0.0, "optimizer.learning_rate=0.0 must be positive"),
+        ("base_batch_size", 0, "optimizer.base_batch_size=0 must be positive"),
+        ("warmup_steps", -1, "optimizer.warmup_steps=-1 must be 0"),
     ],
 )
 def test_each_field_is_checked_when_the_optimizer_is_built(key, value, message):
     from configs import alexnet
 
     o = alexnet.get_config().optimizer
-    Optimizer.from_config(o)  # the paper's settings are fine
+    Optimizer.from_config(o, 128)  # the paper's settings are fine
     o[key] = value
     with pytest.raises(UsageError, match=message):
-        Optimizer.from_config(o)
+        Optimizer.from_config(o, 128)

@@ -31,7 +31,7 @@ def _reference_step(config, params, images, labels, masks):
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-    tx = Optimizer.from_config(config.optimizer).tx
+    tx = Optimizer.from_config(config.optimizer, config.batch_size).tx
     opt_state = set_learning_rate(tx.init(params), jnp.float32(0.01))
     return loss, grads, jax.jit(partial(_two_updates, tx))(grads, opt_state, params)
 

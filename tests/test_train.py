@@ -147,7 +147,9 @@ def test_init_is_sharded_and_the_same_on_every_mesh(tiny):
         ({"input.dataset": "imagenet"}, "input.dataset='imagenet' is unknown"),
         ({"input.image_size": 60}, "Use at least 67"),
         ({"input.resize_size": 60}, "input.resize_size=60 must be at least"),
-        ({"batch_size": 0}, "batch_size=0 must be positive"),
+        ({"batch_size": 0}, "^batch_size=0 must be positive"),
+        ({"optimizer.base_batch_size": -1}, "optimizer.base_batch_size=-1 must be positive"),
+        ({"per_device_batch_size": 0}, "per_device_batch_size=0 must be positive"),
         ({"batch_size": 12, "mesh.data": 8}, "not divisible by mesh.data=8"),
         ({"mesh.model": 4}, "mesh.model=4 is not possible"),
         ({"mesh.data": 8, "mesh.model": 2}, "needs 16 devices but 8 are visible"),
@@ -201,3 +203,14 @@ def test_the_paper_rule_is_the_one_the_trainer_uses(tiny):
     sgd = -0.001 * (0.9 * (v1 / -0.01) + k(g1))  # momentum first, then the rate
     assert rel(sgd, want) > 0.5
     assert rel(k(jax.device_get(state.params)) - k(w1), want) < 1e-2
+
+
+def test_per_device_batch_size_sets_the_global_batch(tiny):
+    config = tiny(**{"mesh.model": 2, "batch_size": 8})
+    assert train.resolve_batch_size(config, 8) is config  # unset: batch_size as given
+    config.per_device_batch_size = 3
+    resolved = train.resolve_batch_size(config, 8)  # mesh (4, 2): 4 data shards
+    assert (resolved.batch_size, config.batch_size) == (12, 8)
+    config.per_device_batch_size = 0
+    with pytest.raises(UsageError, match="per_device_batch_size=0 must be positive"):
+        train.resolve_batch_size(config, 8)
