@@ -53,10 +53,11 @@ def set_compilation_cache(path: str) -> None:
     never find their programs there, so multi-host runs want a shared or gs:// path."""
     import jax
 
-    if not path:
+    from alexnet_jax import cluster
+
+    path = cluster.compilation_cache_dir(path)
+    if path is None:
         return
-    if "://" not in path:
-        path = os.path.expanduser(path)
     if jax.process_count() > 1 and _CACHE.value == _CACHE.default:
         logging.warning(
             "--compilation_cache_dir=%s is per host, and only process 0 writes it: pass a "

@@ -218,6 +218,14 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def compilation_cache_dir(path: str) -> str | None:
+    """--compilation_cache_dir as JAX should get it: None for '' (off), a URL as given (JAX
+    writes through etils.epath too), a local path with ~ expanded."""
+    if not path:
+        return None
+    return path if "://" in path else os.path.expanduser(path)
+
+
 def check_same_workdir(workdir: epath.Path) -> None:
     """Refuse a run whose processes do not share `workdir` (each would write its own part of
     every checkpoint): process 0 writes a token there, and every process must read it."""

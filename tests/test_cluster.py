@@ -143,6 +143,12 @@ def test_workdir_urls_stay_urls():
     assert os.path.isabs(cluster.workdir_path("relative/run"))
 
 
+def test_the_compilation_cache_may_be_a_url():
+    assert cluster.compilation_cache_dir("gs://bucket/xla") == "gs://bucket/xla"
+    assert cluster.compilation_cache_dir("~/xla") == os.path.join(os.path.expanduser("~"), "xla")
+    assert cluster.compilation_cache_dir("") is None
+
+
 def _redirect(root):
     """mock_epath functions that send gs://... to the local directory `root`."""
 
