@@ -94,8 +94,8 @@ def local_device_ids(env: Mapping[str, str], gpus: int | None) -> list[int] | No
     if not gpus or "JAX_LOCAL_DEVICE_IDS" in env:
         return None
     view = _node_view(env)
-    if view is None:
-        return list(range(gpus))
+    if view is None:  # alone as far as anyone says; under srun, trust JAX's per-rank choice
+        return None if "SLURM_STEP_NODELIST" in env else list(range(gpus))
     tasks, rank, bound = view
     if tasks == 1 or bound or gpus < tasks:  # gpus < tasks: each was given its own few
         return list(range(gpus))

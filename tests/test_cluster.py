@@ -46,6 +46,8 @@ def test_one_task_per_gpu():
     # No binding: the 8 tasks of a node share its 8 GPUs and each takes its own.
     assert _args(_slurm(32, 8, 5, nodeid=1), 8) == {"local_device_ids": [5]}
     assert _args(_slurm(8, 2, 1), 8) == {"local_device_ids": [4, 5, 6, 7]}
+    unknown = {k: v for k, v in _slurm(8, 8, 5).items() if k != "SLURM_STEP_TASKS_PER_NODE"}
+    assert _args(unknown, 8) == {"local_device_ids": None}  # JAX's own choice, [5]
     with pytest.raises(UsageError, match="3 processes on this node share its 8 GPUs"):
         _args(_slurm(6, 3, 0), 8)
 
