@@ -111,13 +111,13 @@ def local_device_ids(env: Mapping[str, str], gpus: int | None) -> list[int] | No
 
 def _undetected_launch(env: Mapping[str, str]) -> str | None:
     """One line when several processes were started in a way JAX cannot join up itself."""
-    if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" not in env:
-        if int(env.get("SLURM_NTASKS", "1")) > 1:
-            return (
-                f"this is the batch script of a SLURM job of {env['SLURM_NTASKS']} tasks, run "
-                "without srun: start the processes with `srun python launch.py ...` inside it"
-            )
-        return None
+    if "SLURM_STEP_NODELIST" in env:
+        return None  # srun, which JAX detects (it may also set PMI_SIZE)
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return (
+            f"this is the batch script of a SLURM job of {env['SLURM_NTASKS']} tasks, run "
+            "without srun: start the processes with `srun python launch.py ...` inside it"
+        )
     for size, launcher in (
         ("OMPI_COMM_WORLD_SIZE", "Open MPI"),
         ("PMI_SIZE", "an MPI launcher"),

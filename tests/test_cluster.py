@@ -81,6 +81,7 @@ def test_explicit_flags_get_the_same_devices():
 def test_single_processes_and_tpu_slices():
     assert _args({}, 8) is None  # one process: every visible device, no jax.distributed
     assert _args(_slurm(1, 1, 0), 8) is None
+    assert _args(_slurm(8, 8, 5, PMI_SIZE="8"), 8) == {"local_device_ids": [5]}  # srun --mpi
     assert _args({}, None, tpu=True) == {}  # JAX finds the slice
     assert _args({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_orte_hnp_uri": "x"}, None) == {
         "local_device_ids": None
