@@ -206,6 +206,7 @@ def test_a_gs_workdir_reaches_every_writer_as_a_url(tmp_path, monkeypatch):
     assert not (tmp_path / "gs:").exists()
 
 
+@pytest.mark.slow  # two processes through launch.py
 def test_processes_with_different_workdirs_are_refused(tmp_path):
     import socket
 

@@ -82,7 +82,8 @@ def _run_processes(workdir, n, devices_each):
 
 # (2, 2) keeps each tower pair inside one process; (4, 1) splits every pair over two processes,
 # which must then read the same rows.
-@pytest.mark.parametrize("n, devices_each", [(2, 2), pytest.param(4, 1, marks=pytest.mark.slow)])
+@pytest.mark.slow  # end-to-end runs of several processes, like the demos
+@pytest.mark.parametrize("n, devices_each", [(2, 2), (4, 1)])
 def test_processes_match_one(tmp_path, single, n, devices_each):
     outs = _run_processes(tmp_path, n, devices_each)
     (a, a_eval), (b, b_eval) = _losses(tmp_path), single
