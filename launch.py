@@ -1,6 +1,7 @@
 """Train AlexNet: python launch.py --config=configs/NAME.py --workdir=DIR [--config.KEY=VALUE ...]
 
-Running the same command again resumes from the newest checkpoint in DIR.
+Running the same command again resumes from the newest checkpoint in DIR. With --mode=eval
+(and --step=N) it evaluates a checkpoint of DIR instead, with the centre crop and ten patches.
 """
 
 import difflib
@@ -28,6 +29,16 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval"],
+    "train: train, resuming from DIR's newest checkpoint. eval: evaluate a checkpoint of DIR "
+    "(centre crop and ten patches) and change nothing but metrics.jsonl.",
+)
+_STEP = flags.DEFINE_integer(
+    "step", None, "--mode=eval: the checkpoint to evaluate (default: newest)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -121,7 +132,14 @@ def main(argv: list[str]) -> None:
             logging.set_verbosity(logging.WARNING)
         set_compilation_cache(_CACHE.value)
         logging.info("config:\n%s", _CONFIG.value)
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        if _MODE.value == "eval":
+            train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
+        elif _STEP.value is not None:
+            raise UsageError(
+                "--step selects the checkpoint of --mode=eval; training resumes from the newest."
+            )
+        else:
+            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except UsageError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -136,6 +136,11 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory} holds no finished checkpoint.")
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(
+                f"No checkpoint at step {step} in {self.directory}; it holds steps "
+                f"{sorted(self.manager.all_steps())}."
+            )
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
             self._state_metadata(step),

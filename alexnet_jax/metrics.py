@@ -111,12 +111,13 @@ def log_train(step: int, total: int, batch_size: int, line: dict[str, float]) ->
     )
 
 
-def log_eval(step: int, metrics: dict[str, float]) -> None:
+def log_eval(step: int, metrics: dict[str, float], prefix: str = "eval") -> None:
     logging.info(
-        "eval step %d: loss %.4f, top-1 error %.4f, top-5 error %.4f (%d images)",
+        "%s step %d: loss %.4f, top-1 error %.4f, top-5 error %.4f (%d images)",
+        prefix,
         step,
-        metrics["eval/loss"],
-        metrics["eval/top1_error"],
-        metrics["eval/top5_error"],
-        metrics["eval/count"],
+        metrics[f"{prefix}/loss"],
+        metrics[f"{prefix}/top1_error"],
+        metrics[f"{prefix}/top5_error"],
+        metrics[f"{prefix}/count"],
     )

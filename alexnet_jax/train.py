@@ -116,10 +116,13 @@ class Trainer:
         self.train_step = jax.jit(
             self._train_step, donate_argnums=0, out_shardings=(self.shardings, replicated)
         )
-        self.eval_step = jax.jit(
-            parallel.make_eval_fn(self.model, params, mesh, config.input.eval_ten_crop),
-            out_shardings=replicated,
-        )
+        self.eval_steps = {  # the centre crop (False) and the paper's ten patches (True)
+            ten: jax.jit(
+                parallel.make_eval_fn(self.model, params, mesh, ten), out_shardings=replicated
+            )
+            for ten in (False, True)
+        }
+        self.eval_step = self.eval_steps[config.input.eval_ten_crop]
         self.update_plateau = jax.jit(
             lambda p, v: self.optimizer.plateau.update(updates={}, state=p, value=v)[1],
             out_shardings=self.shardings.plateau,
@@ -154,14 +157,22 @@ class Trainer:
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, {**sums, "learning_rate": lr}
 
-    def evaluate(self, state: TrainState, batches: Iterable[dict]) -> dict[str, float]:
-        """Means over every example of `batches` (rows of weight 0 are padding)."""
+    def evaluate(
+        self,
+        state: TrainState,
+        batches: Iterable[dict],
+        ten_crop: bool | None = None,
+        prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Means over every example of `batches` (rows of weight 0 are padding); `ten_crop`
+        batches hold the ten patches of each image (default: as the config says)."""
+        step = self.eval_step if ten_crop is None else self.eval_steps[ten_crop]
         sums = Accumulator(cluster.dispatch_depth(jax.default_backend()))
         for local in batches:
             b = parallel.global_batch(self.mesh, local, self.batch_size)
-            sums.add(self.eval_step(state.params, b["images"], b["labels"], b["weights"]))
+            sums.add(step(state.params, b["images"], b["labels"], b["weights"]))
         total = sums.pop()
-        return {**means(total, "eval"), "eval/count": int(total["count"])}
+        return {**means(total, prefix), f"{prefix}/count": int(total["count"])}
 
 
 # -------------------------------------------------------------------------------------- loop
@@ -208,6 +219,50 @@ def evaluate_and_log(
         value = jnp.float32(metrics["eval/top1_error"])
         state = state.replace(plateau=trainer.update_plateau(state.plateau, value))
     return state, metrics
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int | None = None
+) -> dict[str, float]:
+    """--mode=eval: the newest checkpoint (or `step`) on the eval split with the centre crop
+    (eval/...) and with the paper's ten patches (eval_ten_crop/...). The model and the input
+    statistics are the checkpoint's own; one line goes to metrics.jsonl; no checkpoint is
+    written or changed."""
+    config = resolve_batch_size(config, jax.device_count())
+    workdir = cluster.workdir_path(workdir)
+    mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
+    try:
+        ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+        try:
+            saved = ckpt.read(step, parallel.replicated(mesh))
+        finally:
+            ckpt.close()
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    config = config.copy_and_resolve_references()
+    config.model = saved.config.model  # what was trained, whatever --config says
+    check_config(config, jax.device_count(), jax.process_count())
+    cluster.check_same_workdir(workdir)
+    source = create_source(config)
+    trainer = Trainer(config, mesh)
+    params = jax.device_put(saved.state["params"], trainer.shardings.params)
+    state = trainer.abstract_state.replace(params=params)  # evaluation reads only the params
+    stats = input_pipeline.Stats.from_dict(saved.data["stats"])
+    preprocess = input_pipeline.Preprocess.from_config(config.input, stats)
+    logging.info("evaluating the checkpoint at step %d of %s", saved.step, workdir)
+    metrics = {}
+    for ten_crop, prefix in ((False, "eval"), (True, "eval_ten_crop")):
+        ds = input_pipeline.eval_dataset(
+            source,
+            dataclasses.replace(preprocess, ten_crop=ten_crop),
+            batch_size=trainer.batch_size,
+            rows=trainer.rows,
+        )
+        batches = input_pipeline.iterate(ds, source.eval)
+        metrics |= trainer.evaluate(state, batches, ten_crop, prefix)
+        log_eval(saved.step, metrics, prefix)
+    MetricsWriter(workdir, active=jax.process_index() == 0).write(saved.step, metrics)
+    return metrics
 
 
 def stop_if_diverged(sums: Accumulator, step: int, ckpt: checkpoint.Checkpointer) -> None:

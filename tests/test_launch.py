@@ -122,3 +122,20 @@ def test_the_demo_on_mesh_4x2_reaches_the_same_bar(tmp_path):
     final = [m for m in metrics(tmp_path) if "eval/top1_error" in m][-1]
     assert final["step"] == 250 and final["eval/count"] == 360
     assert final["eval/top1_error"] <= 0.05
+
+
+@pytest.mark.slow  # two launches
+def test_eval_mode_from_the_command_line(trained_on_4x2, tmp_path):
+    import shutil
+
+    _, trained = trained_on_4x2
+    shutil.copytree(trained, tmp_path / "run")
+    r = launch(tmp_path / "run", "--step=4", *tiny_flags())
+    assert r.returncode == 2 and "--step selects the checkpoint of --mode=eval" in r.stderr
+    r = launch(tmp_path / "run", "--mode=eval", "--step=4", *tiny_flags(), devices=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eval_ten_crop step 4:" in r.stderr and "(360 images)" in r.stderr
+    assert {"eval/top1_error", "eval_ten_crop/top5_error"} <= set(metrics(tmp_path / "run")[-1])
+    r = launch(tmp_path / "run", "--mode=eval", "--step=2", *tiny_flags())
+    assert r.returncode == 2 and "No checkpoint at step 2" in r.stderr
+    assert "Traceback" not in r.stderr

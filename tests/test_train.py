@@ -214,3 +214,34 @@ def test_per_device_batch_size_sets_the_global_batch(tiny):
     config.per_device_batch_size = 0
     with pytest.raises(UsageError, match="per_device_batch_size=0 must be positive"):
         train.resolve_batch_size(config, 8)
+
+
+def test_eval_mode_scores_a_checkpoint_both_ways_and_changes_none(trained_on_4x2, tmp_path):
+    import json
+    import shutil
+
+    config, trained = trained_on_4x2
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    ckpts = workdir / "checkpoints"
+    before = {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")}
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    trained_eval = [x for x in lines if "eval/loss" in x][-1]
+
+    other = config.copy_and_resolve_references()
+    other.model.width = 0.5  # ignored: the checkpoint's model is evaluated
+    m = train.evaluate_checkpoint(other, str(workdir))
+    assert m["eval/count"] == m["eval_ten_crop/count"] == 360
+    # The centre crop reproduces the training run's own evaluation of that checkpoint.
+    assert trained_eval["step"] == 4
+    assert m["eval/loss"] == pytest.approx(trained_eval["eval/loss"], rel=1e-5)
+    assert m["eval/top1_error"] == trained_eval["eval/top1_error"]
+    assert m["eval_ten_crop/loss"] != m["eval/loss"]  # the ten patches are another evaluation
+    last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == {"step": 4, **m}
+    assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
+
+    with pytest.raises(UsageError, match=r"No checkpoint at step 3 .* holds steps \[4\]"):
+        train.evaluate_checkpoint(config, str(workdir), step=3)
+    with pytest.raises(UsageError, match="No checkpoints in"):
+        train.evaluate_checkpoint(config, str(tmp_path / "empty"))
