@@ -17,22 +17,33 @@ from etils import epath
 from alexnet_jax.model import AlexNet, param_count
 
 
+class InFlight:
+    """Keeps the host at most `depth` steps ahead of the devices. Unbounded async dispatch
+    deadlocked XLA's CPU collectives (seen: 7 of 8 simulated devices waiting forever in an
+    all-reduce rendezvous), so CPU runs use depth 1 (cluster.dispatch_depth)."""
+
+    def __init__(self, depth: int = 1) -> None:
+        self.depth = depth
+        self._queue: deque = deque()
+
+    def add(self, outputs: Any) -> None:
+        """Note a dispatched step's outputs, once fewer than `depth` earlier ones are unfinished."""
+        while len(self._queue) >= self.depth:
+            jax.block_until_ready(self._queue.popleft())
+        self._queue.append(outputs)
+
+
 class Accumulator:
-    """Sums the metric sums of dispatched steps on the devices, keeping the host at most
-    `depth` steps ahead of the devices. Unbounded async dispatch deadlocked XLA's CPU
-    collectives (seen: 7 of 8 simulated devices waiting forever in an all-reduce rendezvous),
-    so CPU runs use depth 1 (cluster.dispatch_depth)."""
+    """Sums the metric sums of dispatched (eval) steps on the devices, dispatch bounded as in
+    `InFlight`."""
 
     def __init__(self, depth: int = 1) -> None:
         self.total: dict | None = None  # on the devices
-        self.depth = depth
-        self._in_flight: deque = deque()
+        self._in_flight = InFlight(depth)
 
     def add(self, sums: dict) -> None:
         """Add a step's sums once fewer than `depth` steps before it are unfinished."""
-        while len(self._in_flight) >= self.depth:
-            jax.block_until_ready(self._in_flight.popleft())
-        self._in_flight.append(sums)
+        self._in_flight.add(sums)
         self.total = sums if self.total is None else jax.tree.map(jnp.add, self.total, sums)
 
     def pop(self) -> dict:
@@ -99,7 +110,8 @@ def _fmt_eta(seconds: float) -> str:
 def log_train(step: int, total: int, batch_size: int, line: dict[str, float]) -> None:
     ips = line["train/images_per_sec"]
     logging.info(
-        "step %d/%d: loss %.4f, top-1 error %.4f, top-5 error %.4f, lr %.2e, %.1f images/s, ETA %s",
+        "step %d/%d: loss %.4f, top-1 error %.4f, top-5 error %.4f, lr %.2e, %.1f images/s "
+        "(%.0f%% waiting for input), ETA %s",
         step,
         total,
         line["train/loss"],
@@ -107,6 +119,7 @@ def log_train(step: int, total: int, batch_size: int, line: dict[str, float]) ->
         line["train/top5_error"],
         line["train/learning_rate"],
         ips,
+        100 * line["train/data_wait_fraction"],
         _fmt_eta((total - step) * batch_size / ips),
     )
 

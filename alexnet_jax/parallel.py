@@ -9,7 +9,9 @@ class-sharded logits with per-example reductions, so they add no traffic beyond 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import itertools
+from collections import deque
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import jax
@@ -149,6 +151,23 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray], batch_size: int) -> d
         shape = (batch_size, *v.shape[1:])
         out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
     return out
+
+
+def prefetch(
+    mesh: Mesh, batches: Iterator[dict[str, np.ndarray]], batch_size: int, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """`global_batch` of each of `batches`, copied to the devices `size` steps ahead, so that
+    the next batches travel while the current step runs."""
+    queue: deque = deque()
+
+    def enqueue(n: int) -> None:
+        for local in itertools.islice(batches, n):
+            queue.append(global_batch(mesh, local, batch_size))
+
+    enqueue(size)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
 
 
 def _class_reductions(split: bool) -> tuple[Callable, Callable]:

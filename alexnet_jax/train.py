@@ -17,7 +17,15 @@ from absl import logging
 
 from alexnet_jax import checkpoint, cluster, input_pipeline, parallel, sources
 from alexnet_jax.errors import UsageError
-from alexnet_jax.metrics import Accumulator, MetricsWriter, layer_table, log_eval, log_train, means
+from alexnet_jax.metrics import (
+    Accumulator,
+    InFlight,
+    MetricsWriter,
+    layer_table,
+    log_eval,
+    log_train,
+    means,
+)
 from alexnet_jax.model import AlexNet
 from alexnet_jax.optimizer import Optimizer, set_learning_rate
 
@@ -144,7 +152,16 @@ class Trainer:
         init = jax.jit(self._init, out_shardings=self.shardings)
         return init(jax.random.PRNGKey(seed))
 
-    def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def zero_sums(self) -> dict[str, jax.Array]:
+        """The running sums the loop hands to its first train step (see `_train_step`)."""
+        zero = jax.device_put(jnp.zeros((), jnp.float32), parallel.replicated(self.mesh))
+        return {k: zero for k in ("loss", "top1_errors", "top5_errors", "count", "learning_rate")}
+
+    def _train_step(
+        self, state: TrainState, batch: dict, totals: dict | None = None
+    ) -> tuple[TrainState, dict]:
+        """One SGD step. Returns its metric sums and learning rate; given `totals` (the sums of
+        earlier steps), the sums are added to them here rather than by a dispatch per metric."""
         images, labels = batch["images"], batch["labels"]
         key = jax.random.fold_in(state.rng, state.step)
         masks = parallel.dropout_masks(key, self.model, images.shape[0], self.image_size, self.mesh)
@@ -155,6 +172,8 @@ class Trainer:
         updates, opt_state = self.optimizer.tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if totals is not None:
+            sums = {k: totals[k] + v for k, v in sums.items()}
         return new, {**sums, "learning_rate": lr}
 
     def evaluate(
@@ -265,9 +284,9 @@ def evaluate_checkpoint(
     return metrics
 
 
-def stop_if_diverged(sums: Accumulator, step: int, ckpt: checkpoint.Checkpointer) -> None:
-    """The sums cover every step since the last log line, so one NaN anywhere shows here."""
-    if not jnp.isfinite(sums.total["loss"]):
+def stop_if_diverged(loss_sum: jax.Array, step: int, ckpt: checkpoint.Checkpointer) -> None:
+    """The sum covers every step since the last log line, so one NaN anywhere shows here."""
+    if not jnp.isfinite(loss_sum):
         last = ckpt.latest_step()
         raise UsageError(
             f"The training loss became NaN or infinite by step {step}. Lower "
@@ -339,27 +358,34 @@ def train_and_evaluate(
         num_steps=total,
         rows=trainer.rows,
     )
-    batches = input_pipeline.iterate(ds, source.train)
-    depth = cluster.dispatch_depth(jax.default_backend())
-    sums, t_log, last_log, eval_metrics = Accumulator(depth), time.time(), start, {}
+    batches = parallel.prefetch(mesh, input_pipeline.iterate(ds, source.train), B)
+    in_flight = InFlight(cluster.dispatch_depth(jax.default_backend()))
+    sums, t_log, last_log, eval_metrics = trainer.zero_sums(), time.time(), start, {}
+    waited = 0.0  # seconds the loop spent waiting for input since the last log line
     for step in range(start + 1, total + 1):
-        state, m = trainer.train_step(state, parallel.global_batch(mesh, next(batches), B))
-        sums.add(m)
+        t = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - t
+        state, sums = trainer.train_step(state, batch, sums)  # sums since the last log line
+        in_flight.add(sums)
         saving = step % config.checkpoint_every_steps == 0 or step == total
         logging_now = step % config.log_every_steps == 0 or step == total
         if saving or logging_now:
-            stop_if_diverged(sums, step, ckpt)
+            stop_if_diverged(sums["loss"], step, ckpt)
         if logging_now:
             now = time.time()
             ips = (step - last_log) * B / (now - t_log)
+            host = jax.device_get(sums)
+            sums = trainer.zero_sums()
             line = {
-                **means(sums.pop(), "train"),
-                "train/learning_rate": float(m["learning_rate"]),
+                **means(host, "train"),
+                "train/learning_rate": float(host["learning_rate"]),
                 "train/images_per_sec": ips,
+                "train/data_wait_fraction": waited / (now - t_log),
             }
             log_train(step, total, B, line)
             writer.write(step, line)
-            t_log, last_log = now, step
+            t_log, last_log, waited = now, step, 0.0
         if step % config.eval_every_steps == 0 or step == total:
             state, eval_metrics = run_eval(state, step)
         if saving:

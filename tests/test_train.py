@@ -245,3 +245,29 @@ def test_eval_mode_scores_a_checkpoint_both_ways_and_changes_none(trained_on_4x2
         train.evaluate_checkpoint(config, str(workdir), step=3)
     with pytest.raises(UsageError, match="No checkpoints in"):
         train.evaluate_checkpoint(config, str(tmp_path / "empty"))
+
+
+def test_the_step_adds_its_sums_to_the_running_totals(tiny):
+    config = tiny(**{"model.dropout_rate": 0.0})
+    trainer, mesh = _trainer(config)
+    batch = parallel.global_batch(mesh, _fixed_batch(config), config.batch_size)
+    state = trainer.init_state(0)
+    copy = lambda s: jax.tree.map(jnp.copy, s)  # the step donates its state
+    _, alone = trainer.train_step(copy(state), batch)
+    totals = {k: v + i + 1.0 for i, (k, v) in enumerate(trainer.zero_sums().items())}
+    _, added = trainer.train_step(copy(state), batch, totals)
+    for k in ("loss", "top1_errors", "top5_errors", "count"):
+        assert float(added[k]) == pytest.approx(float(totals[k]) + float(alone[k]), rel=1e-6)
+    assert float(added["count"]) == config.batch_size + 4.0  # the totals were not zero
+    assert float(added["learning_rate"]) == float(alone["learning_rate"])  # a rate, not summed
+
+
+def test_the_loop_compiles_its_step_once_and_logs_its_input_wait(tiny, tmp_path):
+    import json
+
+    with lowerings("_train_step") as compiled:
+        train.train_and_evaluate(tiny(), str(tmp_path))
+    assert len(compiled) == 1  # the running sums come back in the form they went in
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    waits = [x["train/data_wait_fraction"] for x in lines if "train/loss" in x]
+    assert len(waits) == 2 and all(0.0 <= w <= 1.0 for w in waits)
