@@ -134,6 +134,16 @@ def _undetected_launch(env: Mapping[str, str]) -> str | None:
     return None
 
 
+def input_threads(env: Mapping[str, str]) -> int:
+    """Host cores for this process's input pipeline: the cores it is pinned to (SLURM's
+    --cpus-per-task pins them), or its equal share of the node's when processes share them."""
+    cores = len(os.sched_getaffinity(0))
+    view = _node_view(env)
+    if view is not None and cores == os.cpu_count():  # not pinned: the node's processes share
+        cores //= view[0]
+    return max(cores, 1)
+
+
 def distributed_args(
     coordinator_address: str | None,
     num_processes: int | None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -202,14 +202,27 @@ def get_stats(
 # ----------------------------------------------------------------------------------- streams
 
 
-def _process_rows(ds: tf.data.Dataset, batch: int, rows: Sequence[int] | None) -> tf.data.Dataset:
-    """These rows of every whole global batch (all when None), before decoding: each process
-    decodes only what its devices hold and every process sees the same number of batches."""
+def _process_rows(
+    ds: tf.data.Dataset, batch: int, rows: Sequence[int] | None, fetch: Callable
+) -> tf.data.Dataset:
+    """These rows of every whole global batch (all when None), read with one `fetch` call per
+    batch, before decoding: each process reads and decodes only what its devices hold, and
+    every process sees the same number of batches."""
     ds = ds.batch(batch, drop_remainder=True)
     if rows is not None and len(rows) < batch:
         rows = tf.constant(rows, tf.int64)
         ds = ds.map(lambda *x: tf.nest.map_structure(lambda t: tf.gather(t, rows), x))
-    return ds.unbatch()
+    return ds.map(fetch, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
+
+
+def _threads(ds: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
+    """Run `ds` on a pool of `threads` (None: tf.data's default, every core of the host)."""
+    if threads is None:
+        return ds
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1  # parallelism comes from the map, not ops
+    return ds.with_options(options)
 
 
 def train_dataset(
@@ -221,9 +234,10 @@ def train_dataset(
     start_step: int,
     num_steps: int,
     rows: Sequence[int] | None = None,
+    threads: int | None = None,
 ) -> tf.data.Dataset:
     """Global train batches start_step .. num_steps-1, or only their `rows` (see
-    parallel.process_rows)."""
+    parallel.process_rows), prepared on `threads` host threads."""
     n = source.train.size
     first = start_step * batch_size
     epoch0, offset = divmod(first, n)
@@ -232,16 +246,16 @@ def train_dataset(
     for e in range(epoch0 + 1, last_epoch + 1):
         ds = ds.concatenate(source.train.epoch(e, seed, 0))
     ds = ds.enumerate(start=first)
-    ds = _process_rows(ds, batch_size, rows)
+    ds = _process_rows(ds, batch_size, rows, lambda g, keys: (g, source.train.fetch(keys)))
 
-    def prepare(g, key):
-        image, label = source.train.decode(key)
+    def prepare(g, record):
+        image, label = source.train.unpack(record)
         example_seed = tf.stack([tf.constant(seed, tf.int64), g])
         return {"images": train_preprocess(image, example_seed, preprocess), "labels": label}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size if rows is None else len(rows), drop_remainder=True)
-    return ds.take(num_steps - start_step).prefetch(AUTOTUNE)
+    return _threads(ds.take(num_steps - start_step).prefetch(AUTOTUNE), threads)
 
 
 def eval_dataset(
@@ -250,26 +264,28 @@ def eval_dataset(
     *,
     batch_size: int,
     rows: Sequence[int] | None = None,
+    threads: int | None = None,
 ) -> tf.data.Dataset:
     """Every eval example exactly once (of the global batches; a process reads its `rows`);
     the last global batch is padded with weight-0 rows."""
     split = source.eval
     real = split.epoch(0, 0, 0).map(lambda key: (key, 1.0))
     ds = real.concatenate(tf.data.Dataset.from_tensors((split.pad_key, 0.0)).repeat(batch_size - 1))
-    ds = _process_rows(ds.enumerate(), batch_size, rows)
+    fetch = lambda g, example: (g, (split.fetch(example[0]), example[1]))
+    ds = _process_rows(ds.enumerate(), batch_size, rows, fetch)
 
     def prepare(g, example):
-        key, weight = example
+        record, weight = example
         image, label = tf.cond(
             weight > 0,
-            lambda: split.decode(key),
+            lambda: split.unpack(record),
             lambda: (tf.zeros([1, 1, 3], tf.uint8), tf.constant(0, tf.int32)),
         )
         return {"images": eval_preprocess(image, preprocess), "labels": label, "weights": weight}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     local = batch_size if rows is None else len(rows)
-    return ds.batch(local, drop_remainder=True).prefetch(AUTOTUNE)
+    return _threads(ds.batch(local, drop_remainder=True).prefetch(AUTOTUNE), threads)
 
 
 def iterate(ds: tf.data.Dataset, split: Split) -> Iterator[dict[str, np.ndarray]]:

@@ -32,17 +32,26 @@ IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 @dataclasses.dataclass
 class Split:
     """One split. `epoch(e, seed, start)` yields keys in epoch e's order from position `start`;
-    `decode(key)` reads and decodes one example into (uint8 HxWx3 image, int32 label).
+    `fetch(keys)` reads a batch of keys' records in one call, and `unpack(record)` decodes one
+    into (uint8 HxWx3 image, int32 label).
 
     Keys are cheap (an index where the source has random access), so each process slices out
-    its rows of the global batch before anything is read.
+    its rows of the global batch before anything is read; reading a batch per call keeps
+    Python (which TFDS's array_record reader needs) out of the per-example path.
     """
 
     size: int
     epoch: Callable[[int, int, int], tf.data.Dataset]
-    decode: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+    fetch: Callable[[Any], Any]  # keys [n] -> records [n]
+    unpack: Callable[[Any], tuple[tf.Tensor, tf.Tensor]]  # one record -> (image, label)
     pad_key: object  # a key of the right type for padding eval batches (never decoded)
     describe: Callable[[int, tf.Tensor], str]  # names example (i, key) in error messages
+    random_access: bool = True  # False: every process reads every record (TFRecord)
+
+    def decode(self, key: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """Read and decode one example."""
+        records = self.fetch(tf.nest.map_structure(lambda k: tf.expand_dims(k, 0), key))
+        return self.unpack(tf.nest.map_structure(lambda r: r[0], records))
 
 
 @dataclasses.dataclass
@@ -71,8 +80,10 @@ def _indexed_split(
     read: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]],
     shuffle: bool,
     describe: Callable[[int, tf.Tensor], str],
+    fetch: Callable[[tf.Tensor], Any] = lambda keys: keys,
 ) -> Split:
-    """A random-access split: keys are example indices, permuted per (seed, epoch)."""
+    """A random-access split: keys are example indices, permuted per (seed, epoch); `read`
+    decodes what `fetch` (default: nothing, `read` takes the index) gives for one index."""
 
     def epoch(e: int, seed: int, start: int) -> tf.data.Dataset:
         if not shuffle:
@@ -82,7 +93,7 @@ def _indexed_split(
         order = tf.data.Dataset.from_tensors(np.int64(0)).map(lambda _: _permutation(size, seed, e))
         return order.unbatch().skip(start)
 
-    return Split(size, epoch, read, np.int64(0), describe)
+    return Split(size, epoch, fetch, read, np.int64(0), describe)
 
 
 def _array_split(images: np.ndarray, labels: np.ndarray, shuffle: bool) -> Split:
@@ -182,17 +193,23 @@ def _jpeg(raw: tf.Tensor) -> tf.Tensor:
 
 
 def _tfds_random_access(source: Any, name: str, shuffle: bool) -> Split:
-    """array_record: read only the records this process needs, in any order."""
+    """array_record: read only the records this process needs, in any order, a batch of them
+    per Python call (TFDS reads array_record only through its Python data source)."""
 
-    def read_np(i: np.ndarray) -> tuple[bytes, np.int32]:
-        example = source[int(i)]
-        return example["image"], np.int32(example["label"])
+    def fetch_np(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        examples = source.__getitems__([int(k) for k in keys])
+        raws = np.array([e["image"] for e in examples], dtype=object)
+        return raws, np.array([e["label"] for e in examples], np.int32)
 
-    def read(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        raw, label = tf.numpy_function(read_np, [i], (tf.string, tf.int32), stateful=False)
-        return _jpeg(raw), tf.ensure_shape(label, [])
+    def fetch(keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        raws, labels = tf.numpy_function(fetch_np, [keys], (tf.string, tf.int32), stateful=False)
+        return tf.ensure_shape(raws, [None]), tf.ensure_shape(labels, [None])
 
-    return _indexed_split(len(source), read, shuffle, lambda i, key: f"{name} record {int(key)}")
+    def unpack(record: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        return _jpeg(record[0]), record[1]
+
+    describe = lambda i, key: f"{name} record {int(key)}"
+    return _indexed_split(len(source), unpack, shuffle, describe, fetch)
 
 
 def _tfds_sequential(
@@ -220,9 +237,10 @@ def _tfds_sequential(
     if not size:  # split sizes unknown (e.g. TFDS mock data): count the records once
         size = int(dataset().reduce(np.int64(0), lambda n, _: n + 1))
     epoch = lambda e, seed, start: dataset(e, seed).skip(start)
-    decode = lambda key: (_jpeg(key["jpeg"]), key["label"])
+    unpack = lambda key: (_jpeg(key["jpeg"]), key["label"])
     pad = {"jpeg": b"", "label": np.int32(0)}
-    return Split(size, epoch, decode, pad, lambda i, key: f"{name} record {i}")
+    describe = lambda i, key: f"{name} record {i}"
+    return Split(size, epoch, lambda keys: keys, unpack, pad, describe, random_access=False)
 
 
 def imagenet_source(cfg: ml_collections.ConfigDict) -> Source:
@@ -268,12 +286,21 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, epoch]).integers(2**31))
 
 
-def create_source(cfg: ml_collections.ConfigDict) -> Source:
-    """The source named by `cfg.dataset` (the `input` part of the config)."""
+def create_source(cfg: ml_collections.ConfigDict, process_count: int = 1) -> Source:
+    """The source named by `cfg.dataset` (the `input` part of the config), for a run of
+    `process_count` processes."""
     if cfg.dataset == "digits":
-        return digits_source()
-    if cfg.dataset == "imagenet2012":
-        return imagenet_source(cfg)
-    if cfg.dataset == "imagefolder":
-        return imagefolder_source(cfg)
-    raise UsageError(f"input.dataset={cfg.dataset!r} is unknown; use one of {DATASETS}.")
+        source = digits_source()
+    elif cfg.dataset == "imagenet2012":
+        source = imagenet_source(cfg)
+    elif cfg.dataset == "imagefolder":
+        source = imagefolder_source(cfg)
+    else:
+        raise UsageError(f"input.dataset={cfg.dataset!r} is unknown; use one of {DATASETS}.")
+    if process_count > 1 and not (source.train.random_access and source.eval.random_access):
+        raise UsageError(
+            f"{cfg.dataset} is stored as TFRecord, which every one of the {process_count} "
+            "processes would read whole. Prepare it as array_record (random access) with "
+            "`python -m alexnet_jax.prepare_imagenet`, or train with one process."
+        )
+    return source

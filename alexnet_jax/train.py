@@ -205,7 +205,7 @@ def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
 
 def create_source(config: ml_collections.ConfigDict) -> sources.Source:
     """The config's data, refused when its classes do not match the model's."""
-    source = sources.create_source(config.input)
+    source = sources.create_source(config.input, jax.process_count())
     if source.num_classes != config.model.num_classes:
         raise UsageError(
             f"input.dataset={config.input.dataset!r} has {source.num_classes} classes but "
@@ -230,6 +230,7 @@ def evaluate_and_log(
         preprocess,
         batch_size=trainer.batch_size,
         rows=trainer.rows,
+        threads=cluster.input_threads(os.environ),
     )
     metrics = trainer.evaluate(state, input_pipeline.iterate(ds, source.eval))
     log_eval(step, metrics)
@@ -276,6 +277,7 @@ def evaluate_checkpoint(
             dataclasses.replace(preprocess, ten_crop=ten_crop),
             batch_size=trainer.batch_size,
             rows=trainer.rows,
+            threads=cluster.input_threads(os.environ),
         )
         batches = input_pipeline.iterate(ds, source.eval)
         metrics |= trainer.evaluate(state, batches, ten_crop, prefix)
@@ -357,6 +359,7 @@ def train_and_evaluate(
         start_step=start,
         num_steps=total,
         rows=trainer.rows,
+        threads=cluster.input_threads(os.environ),
     )
     batches = parallel.prefetch(mesh, input_pipeline.iterate(ds, source.train), B)
     in_flight = InFlight(cluster.dispatch_depth(jax.default_backend()))

@@ -239,3 +239,13 @@ def test_processes_with_different_workdirs_are_refused(tmp_path):
         assert p.returncode == 2, err[-2000:]
         assert "processes [1] do not see what process 0 wrote in --workdir=" in err
     assert not (tmp_path / "own0" / "checkpoints").exists()  # refused before anything is saved
+
+
+def test_input_threads_are_this_process_share_of_the_host(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(64)))
+    assert cluster.input_threads({}) == 64  # alone
+    assert cluster.input_threads(_slurm(32, 8, 3)) == 8  # 8 processes share the node
+    assert cluster.input_threads({"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "0"}) == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(6)))
+    assert cluster.input_threads(_slurm(32, 8, 3)) == 6  # pinned by --cpus-per-task

@@ -141,6 +141,16 @@ def test_train_stream_is_a_function_of_seed_and_step():
         np.testing.assert_array_equal(a["labels"], b["labels"])
 
 
+def test_the_streams_run_on_the_threads_they_are_given():
+    source, p = sources.digits_source(), _pre()
+    train = ip.train_dataset(source, p, seed=0, batch_size=8, start_step=0, num_steps=1, threads=3)
+    evals = ip.eval_dataset(source, p, batch_size=8, threads=3)
+    for ds in (train, evals):
+        assert ds.options().threading.private_threadpool_size == 3
+        assert ds.options().threading.max_intra_op_parallelism == 1
+    assert len(list(ip.iterate(train, source.train))) == 1
+
+
 def test_each_process_reads_its_rows_of_the_global_batch():
     source, p = sources.digits_source(), _pre()
     full = _stream(source, p, 0, 2)

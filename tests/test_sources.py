@@ -96,7 +96,17 @@ def test_imagenet_not_prepared_says_where_the_tars_go(tmp_path):
 
 
 @pytest.mark.parametrize("storage", ["array_record", "tfrecord"])
-def test_imagenet_path_on_tfds_mock_data(storage):
+def test_imagenet_path_on_tfds_mock_data(storage, monkeypatch):
+    # TFDS's mock data source binds its batched read without `self`; give it one that works.
+    from tensorflow_datasets.testing import mocking
+
+    batched_reads = []
+
+    def getitems(keys, generator, serialized=False):
+        batched_reads.append(len(keys))
+        return [generator[k] for k in keys]
+
+    monkeypatch.setattr(mocking, "_getitems", getitems)
     cfg = _cfg(dataset="imagenet2012", image_size=67, resize_size=72, data_dir="/nonexistent")
     p = ip.Preprocess(ip.IMAGENET_STATS, image_size=67, resize_size=72)
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -105,7 +115,12 @@ def test_imagenet_path_on_tfds_mock_data(storage):
         )
         with no_random_access if storage == "tfrecord" else contextlib.nullcontext():
             source = sources.create_source(cfg)
-        random_access = isinstance(source.train.pad_key, np.int64)
+            if storage == "tfrecord":
+                with pytest.raises(UsageError, match="every one of the 4 processes would read"):
+                    sources.create_source(cfg, process_count=4)
+            else:
+                assert sources.create_source(cfg, process_count=4).train.random_access
+        random_access = source.train.random_access
         assert random_access == (storage == "array_record")
         assert source.num_classes == 1000 and source.class_names[0].startswith("tench")
         assert source.train.size == 12
@@ -115,3 +130,5 @@ def test_imagenet_path_on_tfds_mock_data(storage):
     assert len(batches) == 3 and batches[0]["images"].shape == (8, 67, 67, 3)
     assert batches[0]["labels"].max() < 1000
     assert sum(b["weights"].sum() for b in evals) == 12
+    if storage == "array_record":  # read a global batch per Python call, not an example
+        assert batched_reads and set(batched_reads) == {8}
