@@ -184,6 +184,8 @@ def get_stats(
     """ImageNet's built-in statistics, else the training split's, cached in workdir."""
     if source.name == "imagenet2012":
         return IMAGENET_STATS
+    if source.stats is not None:  # computed when the data was prepared
+        return Stats.from_dict(source.stats)
     key = f"{source.fingerprint}|resize={resize_size}|max={max_images}"
     path = epath.Path(workdir) / "input_stats.json" if workdir else None
     if path is not None and path.exists():

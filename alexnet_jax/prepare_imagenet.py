@@ -1,10 +1,12 @@
-"""Prepare TFDS imagenet2012 once, from the two manual-download tars, as array_record files
+"""Prepare ImageNet 2012 once, from the two manual-download tars, as array_record files
 (random access: each process reads only its own examples, and a resumed run seeks directly).
 
     python -m alexnet_jax.prepare_imagenet --data_dir=~/tensorflow_datasets \
-        --manual_dir=~/imagenet_tars
+        --manual_dir=~/imagenet_tars [--form=paper256]
 
-(The `tfds build` command line would do the same but needs Apache Beam installed.)
+--form=tfds (the default) runs TFDS's imagenet2012 builder: full-size images, one process
+(the `tfds build` command line would do the same but needs Apache Beam installed).
+--form=paper256 stores every image as the paper did, 256x256, on every core (paper256.py).
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from alexnet_jax.sources import IMAGENET_TARS
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_dir to fill.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Directory holding the two ILSVRC tars.")
+_FORM = flags.DEFINE_enum(
+    "form", "tfds", ["tfds", "paper256"], "tfds: TFDS imagenet2012; paper256: 256x256 JPEGs."
+)
+_PROCESSES = flags.DEFINE_integer("processes", None, "paper256: worker processes (all cores).")
 
 
-def prepare(data_dir: str, manual_dir: str) -> Path:
-    """Convert the tars (about 150 GB) into data_dir/imagenet2012; hours on one machine."""
+def prepare(
+    data_dir: str, manual_dir: str, form: str = "tfds", processes: int | None = None
+) -> Path:
+    """Convert the tars (about 150 GB) into data_dir/imagenet2012 (hours on one machine) or,
+    for form 'paper256', data_dir/imagenet2012_paper256 (on every core)."""
     import tensorflow_datasets as tfds
 
     manual = Path(manual_dir).expanduser()
@@ -33,6 +42,10 @@ def prepare(data_dir: str, manual_dir: str) -> Path:
             f"{manual} lacks {' and '.join(missing)}: download them from https://image-net.org "
             "(a login is needed) and put them there, unextracted."
         )
+    if form == "paper256":
+        from alexnet_jax import paper256
+
+        return paper256.prepare(data_dir, str(manual), processes)
     data_dir = os.path.expanduser(data_dir)
     builder = tfds.builder("imagenet2012", data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
@@ -46,7 +59,8 @@ def main(argv: list[str]) -> None:
             "prepare_imagenet: error: --manual_dir=DIR (the directory with the tars) is needed"
         )
     try:
-        print(f"prepared {prepare(_DATA_DIR.value, _MANUAL_DIR.value)}")
+        path = prepare(_DATA_DIR.value, _MANUAL_DIR.value, _FORM.value, _PROCESSES.value)
+        print(f"prepared {path}")
     except UsageError as e:
         sys.exit(f"prepare_imagenet: error: {e}")
 

@@ -8,6 +8,7 @@ input pipeline can give each process its rows of every global batch before anyth
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from alexnet_jax.errors import UsageError
 # TensorFlow is only the host-side input pipeline: keep it off the accelerators' memory.
 tf.config.set_visible_devices([], "GPU")
 
-DATASETS = ("digits", "imagenet2012", "imagefolder")
+DATASETS = ("digits", "imagenet2012", "imagenet2012_paper256", "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
@@ -61,6 +62,7 @@ class Source:
     class_names: list[str]
     train: Split
     eval: Split
+    stats: dict | None = None  # input statistics stored with the data (input_pipeline.Stats)
 
     @property
     def num_classes(self) -> int:
@@ -277,6 +279,33 @@ def imagenet_source(cfg: ml_collections.ConfigDict) -> Source:
     )
 
 
+def paper256_source(cfg: ml_collections.ConfigDict) -> Source:
+    """ImageNet as the paper stored it (paper256.py), with its training set's statistics."""
+    from alexnet_jax import paper256
+
+    data_dir = os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
+    directory = Path(data_dir) / paper256.NAME / paper256.VERSION
+    if not (directory / "dataset_info.json").exists():
+        raise UsageError(
+            f"{paper256.NAME} is not prepared in {data_dir}. Put {' and '.join(IMAGENET_TARS)} "
+            f"in a directory TARS and run once:\n  python -m alexnet_jax.prepare_imagenet "
+            f"--form=paper256 --data_dir={data_dir} --manual_dir=TARS"
+        )
+    builder = tfds.builder_from_directory(str(directory))
+    keep_jpeg = {"image": tfds.decode.SkipDecoding()}
+    split = lambda name, shuffle: _tfds_random_access(
+        builder.as_data_source(split=name, decoders=keep_jpeg), name, shuffle
+    )
+    return Source(
+        paper256.NAME,
+        f"{paper256.NAME}:{directory}",
+        imagenet_class_names(),
+        split(cfg.train_split, shuffle=True),
+        split(cfg.eval_split, shuffle=False),
+        stats=json.loads((directory / "rgb_stats.json").read_text()),
+    )
+
+
 def imagenet_class_names() -> list[str]:
     path = Path(__file__).with_name("imagenet2012_classes.txt")
     return [line for line in path.read_text().splitlines() if not line.startswith("#")]
@@ -293,6 +322,8 @@ def create_source(cfg: ml_collections.ConfigDict, process_count: int = 1) -> Sou
         source = digits_source()
     elif cfg.dataset == "imagenet2012":
         source = imagenet_source(cfg)
+    elif cfg.dataset == "imagenet2012_paper256":
+        source = paper256_source(cfg)
     elif cfg.dataset == "imagefolder":
         source = imagefolder_source(cfg)
     else:

@@ -1,0 +1,243 @@
+"""ImageNet stored as the paper stored it (section 2): every image down-sampled once to shorter
+side 256 and its central 256x256 square, re-encoded as JPEG, in array_record shards that TFDS
+opens as `imagenet2012_paper256` (random access). Prepared straight from the two ILSVRC2012
+tars on every core, with the training set's mean image and RGB covariance (for the paper's
+mean subtraction and PCA lighting) computed in the same pass.
+
+A run that stops half-way keeps its finished shards and resumes with the rest; the dataset's
+metadata, which is what makes TFDS (and this project) see it, is written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import multiprocessing
+import os
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+NAME, VERSION = "imagenet2012_paper256", "1.0.0"
+SIZE, QUALITY = 256, 95  # JPEG quality 95: 256x256 photographs of ~30 KB
+VAL_SHARD = 1000  # validation images per shard
+TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
+
+
+def to_paper256(data: bytes) -> np.ndarray:
+    """Any image file (CMYK or greyscale JPEG, PNG under a .JPEG name, ...) -> the paper's
+    256x256 RGB uint8: shorter side to 256 (antialiased), then the central square."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = SIZE / min(w, h)
+        size = (max(SIZE, round(w * scale)), max(SIZE, round(h * scale)))
+        im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+        left, top = (size[0] - SIZE) // 2, (size[1] - SIZE) // 2
+        return np.asarray(im.crop((left, top, left + SIZE, top + SIZE)))
+
+
+def encode(image: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, "JPEG", quality=QUALITY)
+    return out.getvalue()
+
+
+def tfds_labels() -> tuple[list[str], list[str]]:
+    """TFDS's imagenet2012 synsets in label order, and its validation labels (one synset per
+    validation image, in the order of the sorted file names)."""
+    import tensorflow_datasets as tfds
+
+    root = tfds.core.tfds_path("datasets/imagenet2012")
+    read = lambda name: (root / name).read_text().strip().splitlines()
+    return read("labels.txt"), read("validation_labels.txt")
+
+
+# ------------------------------------------------------------------------------- the shards
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One shard: `members` are (name, offset, size) of image files or (train) of one class's
+    inner tar, all inside `tar`; `labels` their labels (train: the class's, for every image)."""
+
+    split: str
+    index: int
+    count: int  # shards in the split
+    tar: str
+    members: tuple[tuple[str, int, int], ...]
+    labels: tuple[int, ...]
+
+
+def shard_path(directory: Path, split: str, index: int, count: int) -> Path:
+    return directory / f"{NAME}-{split}.array_record-{index:05d}-of-{count:05d}"
+
+
+def _stats_path(shard: Path) -> Path:
+    """A train shard's pixel sums, kept apart from the files TFDS reads."""
+    (shard.parent / "shard_stats").mkdir(exist_ok=True)
+    return shard.parent / "shard_stats" / f"{shard.name}.npz"
+
+
+def _images(job: Job) -> Iterator[tuple[str, bytes, int]]:
+    with open(job.tar, "rb") as f:
+        for (name, offset, size), label in zip(job.members, job.labels, strict=True):
+            f.seek(offset)
+            data = f.read(size)
+            if job.split == "validation":
+                yield name, data, label
+                continue
+            with tarfile.open(fileobj=io.BytesIO(data)) as inner:  # one class's images
+                for m in inner:
+                    if m.isfile():
+                        yield m.name, inner.extractfile(m).read(), label
+
+
+def write_shard(job: Job, directory: str) -> int:
+    """Convert one shard's images and write the shard (and, for train, its pixel statistics
+    beside it) under a temporary name, renamed when complete. Returns its image count."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    final = shard_path(Path(directory), job.split, job.index, job.count)
+    tmp = final.with_name(final.name + ".incomplete")
+    features = _features()
+    total, outer = np.zeros((SIZE, SIZE, 3)), np.zeros((3, 3))
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    n = 0
+    for name, data, label in _images(job):
+        try:
+            image = to_paper256(data)
+        except (OSError, ValueError) as e:  # Pillow's errors for a damaged file
+            raise ValueError(f"{name} in {job.tar} could not be decoded: {e}") from None
+        if job.split == "train":
+            total += image
+            pixels = image.reshape(-1, 3).astype(np.float64) / 255.0
+            outer += pixels.T @ pixels
+        writer.write(features.serialize_example({"image": encode(image), "label": label}))
+        n += 1
+    writer.close()
+    if job.split == "train":
+        np.savez(_stats_path(final), total=total, outer=outer, count=n)
+    os.replace(tmp, final)
+    return n
+
+
+def _features():
+    import tensorflow_datasets as tfds
+
+    names, _ = tfds_labels()
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(SIZE, SIZE, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(names=names),
+        }
+    )
+
+
+def plan(manual_dir: Path) -> list[Job]:
+    """Every shard of both splits, from the tars' headers (no image is read here)."""
+    synsets, val_labels = tfds_labels()
+    index = {s: i for i, s in enumerate(synsets)}
+    jobs = []
+    train = str(manual_dir / TRAIN_TAR)
+    with tarfile.open(train) as tar:
+        classes = [m for m in tar if m.isfile() and m.name.endswith(".tar")]
+    unknown = [m.name for m in classes if m.name[:-4] not in index]
+    if unknown:
+        raise ValueError(f"{train} holds tars of unknown classes: {unknown[:3]}")
+    for i, m in enumerate(classes):
+        member = ((m.name, m.offset_data, m.size),)
+        jobs.append(Job("train", i, len(classes), train, member, (index[m.name[:-4]],)))
+    val = str(manual_dir / VAL_TAR)
+    with tarfile.open(val) as tar:
+        files = sorted((m for m in tar if m.isfile()), key=lambda m: m.name)
+    # TFDS's list gives the label of each validation file in sorted-name order.
+    labels = [index[s] for s in val_labels[: len(files)]]
+    count = math.ceil(len(files) / VAL_SHARD)
+    for i in range(count):
+        chunk = files[i * VAL_SHARD : (i + 1) * VAL_SHARD]
+        members = tuple((m.name, m.offset_data, m.size) for m in chunk)
+        jobs.append(
+            Job("validation", i, count, val, members, tuple(labels[i * VAL_SHARD :][: len(chunk)]))
+        )
+    return jobs
+
+
+def _eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def prepare(data_dir: str, manual_dir: str, processes: int | None = None) -> Path:
+    """Prepare (or finish preparing) the paper-256 dataset under data_dir; returns its path."""
+    import tensorflow_datasets as tfds
+
+    directory = Path(data_dir).expanduser() / NAME / VERSION
+    if (directory / "dataset_info.json").exists():
+        print(f"{directory} is already prepared; nothing to do.")
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    jobs = plan(Path(manual_dir).expanduser())
+    todo = [j for j in jobs if not shard_path(directory, j.split, j.index, j.count).exists()]
+    processes = processes or len(os.sched_getaffinity(0))
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} shards already written; {processes} processes")
+    start, images, done = time.time(), 0, len(jobs) - len(todo)
+    # spawn, not fork: the parent has TensorFlow's threads running.
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        results = pool.imap_unordered(_write_shard_star, [(j, str(directory)) for j in todo])
+        for n in results:
+            images, done = images + n, done + 1
+            rate = images / (time.time() - start)
+            left = (len(jobs) - done) * (images / max(done - (len(jobs) - len(todo)), 1))
+            print(
+                f"{done}/{len(jobs)} shards, {images:,} images, {rate:,.0f} images/s "
+                f"({rate / processes:,.0f} per process), ETA {_eta(left / max(rate, 1e-9))}",
+                flush=True,
+            )
+    _finish(directory, jobs, tfds)
+    return directory
+
+
+def _write_shard_star(args: tuple[Job, str]) -> int:
+    return write_shard(*args)
+
+
+def _finish(directory: Path, jobs: list[Job], tfds) -> None:
+    """Statistics, then TFDS's metadata (whose presence marks the dataset finished)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    lengths: dict[str, list[int]] = {"train": [], "validation": []}
+    for j in jobs:
+        reader = ArrayRecordReader(str(shard_path(directory, j.split, j.index, j.count)))
+        lengths[j.split].append(reader.num_records())
+        reader.close()
+    train = [shard_path(directory, "train", j.index, j.count) for j in jobs if j.split == "train"]
+    parts = [np.load(_stats_path(p)) for p in train]
+    count = sum(int(p["count"]) for p in parts)
+    mean_image = sum(p["total"] for p in parts) / count
+    mean = mean_image.reshape(-1, 3).mean(0) / 255.0
+    cov = sum(p["outer"] for p in parts) / (count * SIZE * SIZE) - np.outer(mean, mean)
+    eigval, eigvec = np.linalg.eigh(cov)
+    order = np.argsort(eigval)[::-1]
+    np.save(directory / "mean_image.npy", mean_image.astype(np.float32))
+    stats = {
+        "mean": (mean * 255).tolist(),
+        "eigval": np.clip(eigval[order], 0, None).tolist(),
+        "eigvec": eigvec[:, order].tolist(),
+        "images": count,
+    }
+    (directory / "rgb_stats.json").write_text(json.dumps(stats, indent=1))
+    splits = [tfds.core.SplitInfo(name=s, shard_lengths=n, num_bytes=0) for s, n in lengths.items()]
+    tfds.folder_dataset.write_metadata(
+        data_dir=directory,
+        features=_features(),
+        split_infos=splits,
+        check_data=False,
+        description="ImageNet 2012 at 256x256 (shorter side 256, central square), JPEG q95.",
+    )

@@ -1,0 +1,174 @@
+"""ImageNet stored as the paper stored it: preparation from ILSVRC2012-format tars (with the
+dataset's odd files), its labels, its statistics, resumption, and training on it."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet_jax import UsageError, paper256, sources, train
+from alexnet_jax import input_pipeline as ip
+
+SYNSETS, VAL_LABELS = paper256.tfds_labels()
+CLASSES = (SYNSETS[3], SYNSETS[500], SYNSETS[999])
+
+
+def _photo(h, w, seed):
+    """A smooth, photograph-like image (noise would decode unlike photographs)."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    rng = np.random.default_rng(seed)
+    a, b, c = rng.uniform(0.5, 3, 3)
+    rgb = np.stack([np.sin(a * x + b * y), np.cos(b * x - c * y), np.sin(c * (x + y))], -1)
+    return ((rgb + 1) * 127.5).astype(np.uint8)
+
+
+def _file(image, kind):
+    out = io.BytesIO()
+    im = Image.fromarray(image)
+    if kind == "cmyk":
+        im.convert("CMYK").save(out, "JPEG", quality=90)
+    elif kind == "grey":
+        im.convert("L").save(out, "JPEG", quality=90)
+    elif kind == "png":  # ImageNet has a PNG saved under a .JPEG name
+        im.save(out, "PNG")
+    else:
+        im.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+KINDS = ("rgb", "cmyk", "grey", "png")
+
+
+def make_tars(root, per_class=4, val=6):
+    """ILSVRC2012_img_train.tar (an inner tar per synset) and ILSVRC2012_img_val.tar (files
+    named as the real ones); returns {file name: file bytes}."""
+    files = {}
+    with tarfile.open(root / paper256.TRAIN_TAR, "w") as outer:
+        for k, synset in enumerate(CLASSES):
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+                for i in range(per_class):
+                    name = f"{synset}_{i}.JPEG"
+                    photo = _photo(300 + 40 * i, 260 + 30 * k, seed=10 * k + i)
+                    files[name] = _file(photo, KINDS[i % len(KINDS)])
+                    _add(inner, name, files[name])
+            _add(outer, f"{synset}.tar", inner_bytes.getvalue())
+    with tarfile.open(root / paper256.VAL_TAR, "w") as tar:
+        for i in reversed(range(val)):  # stored out of order: labels follow the sorted names
+            name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+            files[name] = _file(_photo(280, 400 + 10 * i, seed=100 + i), KINDS[i % len(KINDS)])
+            _add(tar, name, files[name])
+    return files
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paper256")
+    (root / "tars").mkdir()
+    images = make_tars(root / "tars")
+    directory = paper256.prepare(str(root / "data"), str(root / "tars"), processes=2)
+    return root, images, directory
+
+
+def _records(directory, split):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(directory))
+    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def test_the_paper_form_of_every_image_with_tfds_labels(prepared):
+    root, images, directory = prepared
+    val = _records(directory, "validation")
+    assert len(val) == 6
+    names = sorted(n for n in images if n.startswith("ILSVRC"))
+    for i, name in enumerate(names):  # the i-th sorted file has TFDS's i-th label
+        record = val[i]
+        assert record["label"] == SYNSETS.index(VAL_LABELS[i])
+        got = np.asarray(Image.open(io.BytesIO(record["image"])))
+        assert got.shape == (256, 256, 3)
+        want = paper256.to_paper256(images[name])
+        assert np.abs(got.astype(int) - want).mean() < 3  # JPEG q95 of the same pixels
+    train_labels = sorted(r["label"] for r in _records(directory, "train"))
+    assert train_labels == sorted([SYNSETS.index(s) for s in CLASSES] * 4)
+
+
+def test_odd_files_become_rgb_256():
+    photo = _photo(300, 500, 0)
+    for kind in KINDS:
+        out = paper256.to_paper256(_file(photo, kind))
+        assert out.shape == (256, 256, 3) and out.dtype == np.uint8
+    # The central square of the shorter side scaled to 256: columns 50..450 of 500 -> 256.
+    centre = paper256.to_paper256(_file(photo, "png"))
+    ref = np.asarray(Image.fromarray(photo).resize((427, 256), Image.Resampling.BICUBIC))
+    assert np.abs(centre.astype(int) - ref[:, 85:341]).mean() < 1.0
+
+
+def test_statistics_of_the_training_set(prepared):
+    _, images, directory = prepared
+    mean_image = np.load(directory / "mean_image.npy")
+    assert mean_image.shape == (256, 256, 3)
+    train = [paper256.to_paper256(f) for n, f in images.items() if not n.startswith("ILSVRC")]
+    np.testing.assert_allclose(mean_image, np.mean(train, axis=0), atol=1e-3)
+    stats = ip.Stats.from_dict(sources.paper256_source(_cfg(prepared)).stats)
+    assert np.allclose(stats.mean, mean_image.reshape(-1, 3).mean(0), atol=1e-3)
+
+
+def _cfg(prepared):
+    from configs import alexnet
+
+    cfg = alexnet.get_config().input
+    cfg.dataset, cfg.data_dir = "imagenet2012_paper256", str(prepared[0] / "data")
+    return cfg
+
+
+def test_a_finished_dataset_is_left_alone_and_an_interrupted_one_resumes(prepared, tmp_path):
+    root, _, directory = prepared
+    info = (directory / "dataset_info.json").stat().st_mtime_ns
+    assert paper256.prepare(str(root / "data"), str(root / "tars")) == directory
+    assert (directory / "dataset_info.json").stat().st_mtime_ns == info
+    # Interrupted: one shard missing, one half-written, no metadata. It is not a dataset yet.
+    import shutil
+
+    copy = tmp_path / "data" / paper256.NAME / paper256.VERSION
+    shutil.copytree(directory, copy)
+    (copy / "dataset_info.json").unlink()
+    shard = sorted(copy.glob("*-validation.array_record-*"))[0]
+    shard.rename(shard.with_name(shard.name + ".incomplete"))
+    kept = sorted(copy.glob("*-train.array_record-*"))[0].stat().st_mtime_ns
+    cfg = _cfg(prepared)
+    cfg.data_dir = str(tmp_path / "data")
+    with pytest.raises(UsageError, match="imagenet2012_paper256 is not prepared"):
+        sources.create_source(cfg)
+    paper256.prepare(str(tmp_path / "data"), str(root / "tars"), processes=1)
+    assert (
+        shard.exists() and sorted(copy.glob("*-train.array_record-*"))[0].stat().st_mtime_ns == kept
+    )
+    assert len(_records(copy, "validation")) == 6
+
+
+def test_train_and_evaluate_with_ten_patches(prepared, tmp_path):
+    from conftest import tiny_config
+
+    config = tiny_config(
+        **{
+            "input.dataset": "imagenet2012_paper256",
+            "input.data_dir": str(prepared[0] / "data"),
+            "input.resize_size": 256,
+            "input.eval_ten_crop": True,
+            "model.num_classes": 1000,
+            "batch_size": 8,
+            "num_train_steps": 3,
+            "eval_every_steps": 3,
+        }
+    )
+    metrics = train.train_and_evaluate(config, str(tmp_path))
+    assert metrics["eval/count"] == 6  # every validation image once, padding excluded
