@@ -59,7 +59,13 @@ IMAGENET_STATS = Stats(
 
 
 def resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Shorter side to `size`, then the central size x size square (float32, 0-255)."""
+    """Shorter side to `size`, then the central size x size square (float32, 0-255); an image
+    already of that size (data stored as the paper stored it) is left as it is."""
+    already = tf.reduce_all(tf.shape(image)[:2] == size)
+    return tf.cond(already, lambda: tf.cast(image, tf.float32), lambda: _resize_square(image, size))
+
+
+def _resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = size / tf.reduce_min(shape)
     new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
@@ -102,11 +108,38 @@ class Preprocess:
         )
 
 
+def _crop_offset(seed: tf.Tensor, full: int, size: int) -> tf.Tensor:
+    """[top, left, 0] of a random size x size window of a full x full image: the offset
+    tf.image.stateless_random_crop draws for `seed`."""
+    limit = tf.constant([full - size + 1, full - size + 1, 1], tf.int32)
+    draw = tf.random.stateless_uniform([3], seed, maxval=tf.int32.max, dtype=tf.int32)
+    return draw % limit
+
+
 def train_preprocess(image: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
     """Central square, random crop, random mirror, PCA lighting, normalisation (section 4.1)."""
     crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     image = resize_square(image, p.resize_size)
-    image = tf.image.stateless_random_crop(image, [p.image_size, p.image_size, 3], crop_seed)
+    offset = _crop_offset(crop_seed, p.resize_size, p.image_size)
+    image = tf.slice(image, offset, [p.image_size, p.image_size, 3])
+    return _augment(image, flip_seed, light_seed, p)
+
+
+def train_preprocess_jpeg(jpeg: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
+    """`train_preprocess` of a JPEG stored at resize_size x resize_size, decoding only the crop
+    window (several times faster than decoding the whole image). Without fancy chroma
+    upsampling, which reads pixels across the window's edges, the pixels equal those of the
+    whole image decoded the same way (sources.paper256_source) and cropped."""
+    crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    offset = _crop_offset(crop_seed, p.resize_size, p.image_size)
+    window = tf.stack([offset[0], offset[1], p.image_size, p.image_size])
+    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3, fancy_upscaling=False)
+    image = tf.ensure_shape(image, [p.image_size, p.image_size, 3])
+    return _augment(tf.cast(image, tf.float32), flip_seed, light_seed, p)
+
+
+def _augment(image: tf.Tensor, flip_seed: tf.Tensor, light_seed: tf.Tensor, p: Preprocess):
+    """Random mirror, PCA lighting and normalisation of a float32 crop."""
     if p.random_flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     if p.pca_lighting_std > 0:
@@ -250,9 +283,18 @@ def train_dataset(
     ds = ds.enumerate(start=first)
     ds = _process_rows(ds, batch_size, rows, lambda g, keys: (g, source.train.fetch(keys)))
 
+    # JPEGs stored at the resize size (the paper's 256) decode only their crop window.
+    crop_only = source.stored_size == preprocess.resize_size and source.train.jpeg is not None
+
     def prepare(g, record):
-        image, label = source.train.unpack(record)
         example_seed = tf.stack([tf.constant(seed, tf.int64), g])
+        if crop_only:
+            jpeg, label = source.train.jpeg(record)
+            return {
+                "images": train_preprocess_jpeg(jpeg, example_seed, preprocess),
+                "labels": label,
+            }
+        image, label = source.train.unpack(record)
         return {"images": train_preprocess(image, example_seed, preprocess), "labels": label}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)

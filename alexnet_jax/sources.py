@@ -48,6 +48,7 @@ class Split:
     pad_key: object  # a key of the right type for padding eval batches (never decoded)
     describe: Callable[[int, tf.Tensor], str]  # names example (i, key) in error messages
     random_access: bool = True  # False: every process reads every record (TFRecord)
+    jpeg: Callable[[Any], tuple[tf.Tensor, tf.Tensor]] | None = None  # record -> (JPEG, label)
 
     def decode(self, key: Any) -> tuple[tf.Tensor, tf.Tensor]:
         """Read and decode one example."""
@@ -63,6 +64,7 @@ class Source:
     train: Split
     eval: Split
     stats: dict | None = None  # input statistics stored with the data (input_pipeline.Stats)
+    stored_size: int | None = None  # every image stored as a square of this side
 
     @property
     def num_classes(self) -> int:
@@ -190,11 +192,14 @@ def _imagenet_not_prepared(cfg: ml_collections.ConfigDict, data_dir: str) -> Usa
     )
 
 
-def _jpeg(raw: tf.Tensor) -> tf.Tensor:
-    return tf.ensure_shape(tf.io.decode_jpeg(raw, channels=3), [None, None, 3])
+def _jpeg(raw: tf.Tensor, fancy_upscaling: bool = True) -> tf.Tensor:
+    image = tf.io.decode_jpeg(raw, channels=3, fancy_upscaling=fancy_upscaling)
+    return tf.ensure_shape(image, [None, None, 3])
 
 
-def _tfds_random_access(source: Any, name: str, shuffle: bool) -> Split:
+def _tfds_random_access(
+    source: Any, name: str, shuffle: bool, fancy_upscaling: bool = True
+) -> Split:
     """array_record: read only the records this process needs, in any order, a batch of them
     per Python call (TFDS reads array_record only through its Python data source)."""
 
@@ -208,10 +213,11 @@ def _tfds_random_access(source: Any, name: str, shuffle: bool) -> Split:
         return tf.ensure_shape(raws, [None]), tf.ensure_shape(labels, [None])
 
     def unpack(record: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        return _jpeg(record[0]), record[1]
+        return _jpeg(record[0], fancy_upscaling), record[1]
 
     describe = lambda i, key: f"{name} record {int(key)}"
-    return _indexed_split(len(source), unpack, shuffle, describe, fetch)
+    split = _indexed_split(len(source), unpack, shuffle, describe, fetch)
+    return dataclasses.replace(split, jpeg=lambda record: record)
 
 
 def _tfds_sequential(
@@ -293,8 +299,10 @@ def paper256_source(cfg: ml_collections.ConfigDict) -> Source:
         )
     builder = tfds.builder_from_directory(str(directory))
     keep_jpeg = {"image": tfds.decode.SkipDecoding()}
+    # Without fancy (interpolated) chroma upsampling, decoding only a crop window gives the
+    # same pixels as decoding the whole image and cropping (input_pipeline's crop-only path).
     split = lambda name, shuffle: _tfds_random_access(
-        builder.as_data_source(split=name, decoders=keep_jpeg), name, shuffle
+        builder.as_data_source(split=name, decoders=keep_jpeg), name, shuffle, False
     )
     return Source(
         paper256.NAME,
@@ -303,6 +311,7 @@ def paper256_source(cfg: ml_collections.ConfigDict) -> Source:
         split(cfg.train_split, shuffle=True),
         split(cfg.eval_split, shuffle=False),
         stats=json.loads((directory / "rgb_stats.json").read_text()),
+        stored_size=paper256.SIZE,
     )
 
 

@@ -172,3 +172,24 @@ def test_train_and_evaluate_with_ten_patches(prepared, tmp_path):
     )
     metrics = train.train_and_evaluate(config, str(tmp_path))
     assert metrics["eval/count"] == 6  # every validation image once, padding excluded
+
+
+def _stream(source, start, steps, resize=256):
+    p = ip.Preprocess(ip.IMAGENET_STATS, 227, resize, random_flip=True, pca_lighting_std=0.1)
+    ds = ip.train_dataset(source, p, seed=3, batch_size=4, start_step=start, num_steps=steps)
+    return list(ip.iterate(ds, source.train))
+
+
+def test_the_crop_window_path_equals_decoding_the_whole_image(prepared):
+    import dataclasses
+
+    source = sources.paper256_source(_cfg(prepared))
+    fast = _stream(source, 0, 4)
+    plain = _stream(dataclasses.replace(source, stored_size=None), 0, 4)
+    assert not np.array_equal(fast[0]["images"][0], fast[0]["images"][1])
+    for a, b in zip(fast, plain, strict=True):
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        np.testing.assert_array_equal(a["images"], b["images"])
+    # A resumed run sees the batches an uninterrupted one would (12 images: 3 per epoch).
+    for a, b in zip(fast[2:], _stream(source, 2, 4), strict=True):
+        np.testing.assert_array_equal(a["images"], b["images"])
