@@ -193,3 +193,26 @@ def test_the_crop_window_path_equals_decoding_the_whole_image(prepared):
     # A resumed run sees the batches an uninterrupted one would (12 images: 3 per epoch).
     for a, b in zip(fast[2:], _stream(source, 2, 4), strict=True):
         np.testing.assert_array_equal(a["images"], b["images"])
+
+
+@pytest.mark.slow  # prepares and reads a few dozen photographs, one core each
+def test_the_input_benchmark_prints_every_path():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = REPO / "benchmarks/input_pipeline.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--images=48", "--step_batch=0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rates = {
+        line[:52].strip(): float(line[52:].split()[0].replace(",", ""))
+        for line in r.stdout.splitlines()
+        if "per core" in line
+    }
+    assert len(rates) == 5 and all(v > 0 for v in rates.values()), r.stdout

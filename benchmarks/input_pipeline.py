@@ -1,0 +1,200 @@
+"""Images/s per core of the input paths, beside what the train step consumes on this machine.
+
+    .venv/bin/python benchmarks/input_pipeline.py [--images=384] [--step_batch=32]
+
+Makes ImageNet-like JPEGs (crops and scales of the two photographs scikit-learn ships, about
+500x375 like ImageNet's; not random noise, which decodes unlike photographs), writes them as
+ILSVRC2012 tars, and times on one core each (one process, one tf.data thread):
+
+- preparation of the paper-256 form (paper256.py: decode, resize, re-encode);
+- the train path on the raw JPEGs (decode everything, resize, crop, flip, lighting);
+- the train path on paper-256 data (decode only the crop window, flip, lighting);
+- the eval path on paper-256 data, centre crop and ten patches;
+
+and the paper model's train step (all cores) at the given batch, in images/s.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ importable
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from PIL import Image  # noqa: E402
+
+_IMAGES = flags.DEFINE_integer("images", 384, "Training images to make (and validation: 1/4).")
+_STEP_BATCH = flags.DEFINE_integer("step_batch", 32, "Batch of the timed train step (0: skip).")
+
+
+def photographs(n: int, seed: int = 0) -> list[bytes]:
+    """n JPEGs (quality 90) of random crops, scales and mirrors of scikit-learn's photographs,
+    landscape or portrait at about 500x375."""
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(seed)
+    sources = [load_sample_image(name) for name in ("china.jpg", "flower.jpg")]
+    out = []
+    for i in range(n):
+        photo = sources[i % 2]
+        h, w = photo.shape[:2]
+        ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        im = Image.fromarray(photo[top : top + ch, left : left + cw])
+        size = (500, 375) if rng.random() < 0.7 else (375, 500)
+        im = im.resize(size, Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tars(root: Path, train: list[bytes], val: list[bytes], synsets: list[str]) -> None:
+    """ILSVRC2012_img_train.tar (an inner tar per synset) and ILSVRC2012_img_val.tar."""
+    from alexnet_jax import paper256
+
+    per_class = np.array_split(np.arange(len(train)), len(synsets))
+    with tarfile.open(root / paper256.TRAIN_TAR, "w") as outer:
+        for synset, idx in zip(synsets, per_class, strict=True):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as t:
+                for i in idx:
+                    _add(t, f"{synset}_{i}.JPEG", train[i])
+            _add(outer, f"{synset}.tar", inner.getvalue())
+    with tarfile.open(root / paper256.VAL_TAR, "w") as tar:
+        for i, data in enumerate(val):
+            _add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", data)
+
+
+def _rate(ds, split) -> float:
+    """Images/s of iterating a dataset, after one warm-up batch."""
+    from alexnet_jax import input_pipeline as ip
+
+    it = ip.iterate(ds, split)
+    next(it)
+    start, count = time.perf_counter(), 0
+    for batch in it:
+        count += len(batch["labels"])
+    return count / (time.perf_counter() - start)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import dataclasses
+
+    from alexnet_jax import input_pipeline as ip
+    from alexnet_jax import paper256, sources
+    from configs import alexnet
+
+    synsets = paper256.tfds_labels()[0][:4]
+    n = _IMAGES.value
+    train, val = photographs(n, 0), photographs(max(n // 4, 16), 1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "tars").mkdir()
+        write_tars(root / "tars", train, val, synsets)
+        # Preparation's per-image work, timed in this process (a worker's start-up excluded);
+        # then prepare() finds those shards written and adds the rest and the metadata.
+        out = root / "data" / paper256.NAME / paper256.VERSION
+        out.mkdir(parents=True)
+        jobs = [j for j in paper256.plan(root / "tars") if j.split == "train"]
+        paper256.write_shard(jobs[0], str(out))  # warm-up: imports, the first shard
+        start = time.perf_counter()
+        done = sum(paper256.write_shard(j, str(out)) for j in jobs[1:])
+        rows.append(("preparation (paper-256, Pillow)", done / (time.perf_counter() - start)))
+        paper256.prepare(str(root / "data"), str(root / "tars"), processes=1)
+        stored_bytes = sum(f.stat().st_size for f in out.glob("*-train.array_record-*")) / n
+        source_bytes = sum(len(x) for x in train) / n
+
+        # The same photographs as an image folder: the general path, from the raw JPEGs.
+        for k, synset in enumerate(synsets):
+            for split, images in (("train", train), ("validation", val)):
+                d = root / "folder" / split / synset
+                d.mkdir(parents=True)
+                for i in range(k, len(images), len(synsets)):
+                    (d / f"{i}.jpg").write_bytes(images[i])
+        cfg = alexnet.get_config().input
+        cfg.dataset, cfg.data_dir = "imagefolder", str(root / "folder")
+        folder = sources.create_source(cfg)
+        cfg.dataset, cfg.data_dir = "imagenet2012_paper256", str(root / "data")
+        stored = sources.create_source(cfg)
+        p = ip.Preprocess(ip.IMAGENET_STATS, 227, 256, random_flip=True, pca_lighting_std=0.1)
+        batch, epochs = 16, 4  # each path reads its data `epochs` times
+
+        def train_rate(source):
+            steps = epochs * source.train.size // batch
+            ds = ip.train_dataset(
+                source, p, seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=1
+            )
+            return _rate(ds, source.train)
+
+        rows.append(("train path, raw JPEGs (decode all, resize)", train_rate(folder)))
+        rows.append(("train path, paper-256 (decode crop window)", train_rate(stored)))
+        for ten in (False, True):
+            q = dataclasses.replace(p, ten_crop=ten)
+            ds = ip.eval_dataset(stored, q, batch_size=batch, threads=1).repeat(epochs)
+            name = "eval path, paper-256, " + ("ten patches" if ten else "centre crop")
+            rows.append((name, _rate(ds, stored.eval)))
+
+    if _STEP_BATCH.value:
+        rows.append((f"train step, paper model, batch {_STEP_BATCH.value}, all cores", step_rate()))
+    print(f"\n{'path':<52} {'images/s':>10}")
+    for name, rate in rows:
+        per = "" if "all cores" in name else " per core"
+        print(f"{name:<52} {rate:>10,.0f}{per}")
+    print(f"(on {os.cpu_count()} cores; {n} train and {len(val)} validation images)")
+    print(
+        f"paper-256 stores {stored_bytes / 1e3:.1f} KB per image (the JPEGs made here: "
+        f"{source_bytes / 1e3:.1f} KB); for ImageNet's 1,331,167 images that would be "
+        f"{stored_bytes * 1_331_167 / 1e9:.0f} GB"
+    )
+
+
+def step_rate() -> float:
+    """Images/s of the real Trainer step for the paper model on this machine's devices."""
+    import jax
+
+    from alexnet_jax import parallel, train
+    from configs import alexnet
+
+    config = alexnet.get_config()
+    config.batch_size = _STEP_BATCH.value
+    config.mesh.data = 1
+    mesh = parallel.create_mesh(1, 1)
+    trainer = train.Trainer(config, mesh)
+    state = trainer.init_state(0)
+    rng = np.random.default_rng(0)
+    b = config.batch_size
+    local = {
+        "images": rng.normal(size=(b, 227, 227, 3)).astype(np.float32),
+        "labels": rng.integers(0, 1000, b).astype(np.int32),
+    }
+    batch = parallel.global_batch(mesh, local, b)
+    state, m = trainer.train_step(state, batch)  # compile
+    jax.block_until_ready(m)
+    start, steps = time.perf_counter(), 3
+    for _ in range(steps):
+        state, m = trainer.train_step(state, batch)
+    jax.block_until_ready(m)
+    return steps * b / (time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    app.run(main)
