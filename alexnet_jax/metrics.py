@@ -101,7 +101,8 @@ def layer_table(model: AlexNet, params: Any, image_size: int) -> str:
     return "\n".join(f"{a:<12} {b:>12} {c:>14}" for a, b, c in rows)
 
 
-def _fmt_eta(seconds: float) -> str:
+def format_eta(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}"
@@ -120,7 +121,7 @@ def log_train(step: int, total: int, batch_size: int, line: dict[str, float]) ->
         line["train/learning_rate"],
         ips,
         100 * line["train/data_wait_fraction"],
-        _fmt_eta((total - step) * batch_size / ips),
+        format_eta((total - step) * batch_size / ips),
     )
 
 

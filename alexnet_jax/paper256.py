@@ -169,14 +169,11 @@ def plan(manual_dir: Path) -> list[Job]:
     return jobs
 
 
-def _eta(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-
 def prepare(data_dir: str, manual_dir: str, processes: int | None = None) -> Path:
     """Prepare (or finish preparing) the paper-256 dataset under data_dir; returns its path."""
     import tensorflow_datasets as tfds
+
+    from alexnet_jax.metrics import format_eta  # here: the workers need none of its imports
 
     directory = Path(data_dir).expanduser() / NAME / VERSION
     if (directory / "dataset_info.json").exists():
@@ -197,7 +194,7 @@ def prepare(data_dir: str, manual_dir: str, processes: int | None = None) -> Pat
             left = (len(jobs) - done) * (images / max(done - (len(jobs) - len(todo)), 1))
             print(
                 f"{done}/{len(jobs)} shards, {images:,} images, {rate:,.0f} images/s "
-                f"({rate / processes:,.0f} per process), ETA {_eta(left / max(rate, 1e-9))}",
+                f"({rate / processes:,.0f} per process), ETA {format_eta(left / max(rate, 1e-9))}",
                 flush=True,
             )
     _finish(directory, jobs, tfds)

@@ -9,6 +9,7 @@ class-sharded logits with per-example reductions, so they add no traffic beyond 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
@@ -141,9 +142,15 @@ def process_rows(
     return np.array(sorted(rows), np.int64)
 
 
+@functools.cache
+def _rows_here(mesh: Mesh, batch_size: int) -> int:
+    """How many rows this process holds: asked every step, so computed once."""
+    return len(process_rows(mesh, batch_size))
+
+
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
     """This process's rows (`process_rows`) -> global arrays of `batch_size` rows over DATA."""
-    sharding, want = batch_sharded(mesh), len(process_rows(mesh, batch_size))
+    sharding, want = batch_sharded(mesh), _rows_here(mesh, batch_size)
     out = {}
     for k, v in local.items():
         if len(v) != want:

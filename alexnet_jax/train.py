@@ -110,6 +110,7 @@ class Trainer:
         self.image_size = config.input.image_size
         self.batch_size = config.batch_size
         self.rows = parallel.process_rows(mesh, config.batch_size)  # what this process reads
+        self.input_threads = cluster.input_threads(os.environ)  # and on how many cores
         abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
         specs = parallel.param_specs(self.model, abstract.params, mesh)
         self.shardings = parallel.state_shardings(self.optimizer.tx, abstract, specs, mesh)
@@ -230,7 +231,7 @@ def evaluate_and_log(
         preprocess,
         batch_size=trainer.batch_size,
         rows=trainer.rows,
-        threads=cluster.input_threads(os.environ),
+        threads=trainer.input_threads,
     )
     metrics = trainer.evaluate(state, input_pipeline.iterate(ds, source.eval))
     log_eval(step, metrics)
@@ -277,7 +278,7 @@ def evaluate_checkpoint(
             dataclasses.replace(preprocess, ten_crop=ten_crop),
             batch_size=trainer.batch_size,
             rows=trainer.rows,
-            threads=cluster.input_threads(os.environ),
+            threads=trainer.input_threads,
         )
         batches = input_pipeline.iterate(ds, source.eval)
         metrics |= trainer.evaluate(state, batches, ten_crop, prefix)
@@ -359,7 +360,7 @@ def train_and_evaluate(
         start_step=start,
         num_steps=total,
         rows=trainer.rows,
-        threads=cluster.input_threads(os.environ),
+        threads=trainer.input_threads,
     )
     batches = parallel.prefetch(mesh, input_pipeline.iterate(ds, source.train), B)
     in_flight = InFlight(cluster.dispatch_depth(jax.default_backend()))
