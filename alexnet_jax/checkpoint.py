@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from alexnet_jax import cluster
@@ -55,6 +56,7 @@ class Saved:
     state: Any  # the train state as a nested dict of arrays
     config: ml_collections.ConfigDict
     data: dict  # class_names, stats (see train.py)
+    mean_image: np.ndarray | None = None  # the input's mean image, where the run used one
 
 
 class Checkpointer:
@@ -76,6 +78,7 @@ class Checkpointer:
             "state": ocp.StandardCheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
             "data": ocp.JsonCheckpointHandler(),
+            "mean_image": ocp.StandardCheckpointHandler(),  # saved only where there is one
         }
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
@@ -145,13 +148,23 @@ class Checkpointer:
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
             self._state_metadata(step),
         )
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            config=ocp.args.JsonRestore(),
-            data=ocp.args.JsonRestore(),
-        )
+        items = {
+            "state": ocp.args.StandardRestore(target),
+            "config": ocp.args.JsonRestore(),
+            "data": ocp.args.JsonRestore(),
+        }
+        if self._read(step, lambda: self.manager.item_metadata(step)).get("mean_image"):
+            items["mean_image"] = ocp.args.StandardRestore()
+        args = ocp.args.Composite(**items)
         r = self._read(step, lambda: self.manager.restore(step, args=args))
-        return Saved(int(step), r["state"], ml_collections.ConfigDict(r["config"]), r["data"])
+        mean_image = r.get("mean_image")
+        return Saved(
+            int(step),
+            r["state"],
+            ml_collections.ConfigDict(r["config"]),
+            r["data"],
+            None if mean_image is None else np.asarray(mean_image["mean_image"]),
+        )
 
     def _state_metadata(self, step: int) -> Any:
         """The saved state's tree of array metadata (shapes, dtypes), read without the arrays."""
@@ -168,15 +181,22 @@ class Checkpointer:
                 f"{self.directory / str(step)} out of the directory; nothing was deleted."
             ) from e
 
-    def save(self, step: int, state: Any, config: ml_collections.ConfigDict, data: dict) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(config.to_dict()),
-                data=ocp.args.JsonSave({**data, "state_layout": STATE_LAYOUT}),
-            ),
-        )
+    def save(
+        self,
+        step: int,
+        state: Any,
+        config: ml_collections.ConfigDict,
+        data: dict,
+        mean_image: np.ndarray | None = None,
+    ) -> None:
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(config.to_dict()),
+            "data": ocp.args.JsonSave({**data, "state_layout": STATE_LAYOUT}),
+        }
+        if mean_image is not None:
+            items["mean_image"] = ocp.args.StandardSave({"mean_image": mean_image})
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -42,7 +42,7 @@ class Restored:
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
         batch = np.stack(
-            [input_pipeline.eval_preprocess(im, self.preprocess).numpy() for im in images]
+            [input_pipeline.eval_preprocess(im, self.preprocess)["images"].numpy() for im in images]
         )
         return np.asarray(self._probabilities(self.params, batch))
 
@@ -57,7 +57,7 @@ def load_checkpoint(
         saved = ckpt.read(step, sharding)
     finally:
         ckpt.close()
-    stats = input_pipeline.Stats.from_dict(saved.data["stats"])
+    stats = input_pipeline.Stats.from_dict(saved.data["stats"], saved.mean_image)
     preprocess = input_pipeline.Preprocess.from_config(saved.config.input, stats)
     return Restored(
         model=AlexNet.from_config(saved.config.model),
@@ -65,5 +65,5 @@ def load_checkpoint(
         config=saved.config,
         step=saved.step,
         class_names=list(saved.data["class_names"]),
-        preprocess=dataclasses.replace(preprocess, ten_crop=False),
+        preprocess=dataclasses.replace(preprocess, ten_crop=False, on_device=False),
     )

@@ -1,6 +1,7 @@
 """tf.data input pipeline over the sources of sources.py: the paper's augmentation (section 4.1),
 input statistics, train and eval streams. Host side only: yields NumPy batches of this
-process's slice of every global batch.
+process's slice of every global batch, either normalised float32 images or (input.
+normalize_on_device) uint8 crops with what device_input.py needs to normalise them.
 
 Every random choice is a stateless op seeded by (seed, global example index), and each epoch's
 order is a permutation seeded by (seed, epoch), so the stream is a function of the seed and the
@@ -27,20 +28,27 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
-    """Per-channel RGB mean (0-255) and eigen-decomposition of the RGB covariance (RGB in 0-1)."""
+    """Per-channel RGB mean (0-255), eigen-decomposition of the RGB covariance (RGB in 0-1) and,
+    where it was computed, the training set's mean image (0-255, the resize size square)."""
 
     mean: tuple[float, float, float]
     eigval: tuple[float, float, float]
     eigvec: tuple[tuple[float, ...], ...]  # columns are the eigenvectors
+    mean_image: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def std(self) -> np.ndarray:
         """Per-channel standard deviation (0-255), the diagonal of V diag(lambda) V^T."""
         v = np.asarray(self.eigvec)
         return 255.0 * np.sqrt((v * v) @ np.asarray(self.eigval))
 
+    def to_dict(self) -> dict:
+        """The JSON-able part (the mean image is stored as an array beside it)."""
+        return {"mean": self.mean, "eigval": self.eigval, "eigvec": self.eigvec}
+
     @classmethod
-    def from_dict(cls, d: dict) -> Stats:
-        return cls(tuple(d["mean"]), tuple(d["eigval"]), tuple(tuple(r) for r in d["eigvec"]))
+    def from_dict(cls, d: dict, mean_image: np.ndarray | None = None) -> Stats:
+        eigvec = tuple(tuple(r) for r in d["eigvec"])
+        return cls(tuple(d["mean"]), tuple(d["eigval"]), eigvec, mean_image)
 
 
 # Paper section 4.1 uses ImageNet's own statistics; these are the widely used values.
@@ -59,10 +67,11 @@ IMAGENET_STATS = Stats(
 
 
 def resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Shorter side to `size`, then the central size x size square (float32, 0-255); an image
-    already of that size (data stored as the paper stored it) is left as it is."""
+    """A uint8 image's shorter side to `size` (antialiased), then the central size x size
+    square, rounded to uint8; an image already of that size (data stored as the paper stored
+    it) is left as it is."""
     already = tf.reduce_all(tf.shape(image)[:2] == size)
-    return tf.cond(already, lambda: tf.cast(image, tf.float32), lambda: _resize_square(image, size))
+    return tf.cond(already, lambda: image, lambda: _resize_square(image, size))
 
 
 def _resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -71,15 +80,18 @@ def _resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
     new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
     image = tf.image.resize(tf.cast(image, tf.float32), new, antialias=True)
     top, left = (new[0] - size) // 2, (new[1] - size) // 2
-    return tf.slice(image, [top, left, 0], [size, size, 3])
+    square = tf.slice(image, [top, left, 0], [size, size, 3])
+    return tf.cast(tf.clip_by_value(tf.round(square), 0.0, 255.0), tf.uint8)
 
 
-def pca_lighting(image: tf.Tensor, stats: Stats, std: float, seed: tf.Tensor) -> tf.Tensor:
-    """Paper section 4.1: add V @ (alpha * lambda), alpha ~ N(0, std), scaled to 0-255 units."""
+def lighting_shift(stats: Stats, std: float, seed: tf.Tensor) -> tf.Tensor:
+    """Paper section 4.1: the RGB shift V @ (alpha * lambda), alpha ~ N(0, std), in 0-255."""
     alpha = tf.random.stateless_normal([3], seed, stddev=std)
     eigvec = tf.constant(stats.eigvec, tf.float32)
-    shift = 255.0 * tf.linalg.matvec(eigvec, alpha * tf.constant(stats.eigval, tf.float32))
-    return image + shift
+    return 255.0 * tf.linalg.matvec(eigvec, alpha * tf.constant(stats.eigval, tf.float32))
+
+
+MEANS = ("image", "channel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +105,31 @@ class Preprocess:
     pca_lighting_std: float = 0.0  # 0: no colour lighting
     divide_by_std: bool = False  # False: mean-subtracted 0-255 RGB, as the paper fed it
     ten_crop: bool = False  # eval: the paper's ten patches instead of the centre crop
+    mean: str = "channel"  # 'image': subtract the mean image's window (section 2); 'channel'
+    on_device: bool = False  # ship uint8 crops and what normalises them (device_input.py)
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, stats: Stats) -> Preprocess:
-        """From a config's `input` section."""
+        """From a config's `input` section; refuses a mean image the statistics lack."""
+        # Configs saved before these fields existed meant the channel mean, on the host.
+        mean, on_device = cfg.get("mean", "channel"), cfg.get("normalize_on_device", False)
+        if mean not in MEANS:
+            raise UsageError(f"input.mean={mean!r} is unknown; use one of {MEANS}.")
+        if mean == "image":
+            side = None if stats.mean_image is None else stats.mean_image.shape[0]
+            if side is None:
+                raise UsageError(
+                    f"input.mean='image' needs the training set's mean image, which "
+                    f"input.dataset={cfg.dataset!r} does not provide (prepare_imagenet "
+                    "--form=paper256 computes it for imagenet2012_paper256). Set "
+                    "--config.input.mean=channel to subtract the per-channel mean."
+                )
+            if side != cfg.resize_size:
+                raise UsageError(
+                    f"input.mean='image': the mean image is {side}x{side} but "
+                    f"input.resize_size={cfg.resize_size}; set --config.input.resize_size="
+                    f"{side}, or --config.input.mean=channel."
+                )
         return cls(
             stats,
             cfg.image_size,
@@ -105,6 +138,8 @@ class Preprocess:
             cfg.pca_lighting_std,
             cfg.divide_by_std,
             cfg.eval_ten_crop,
+            mean,
+            on_device,
         )
 
 
@@ -116,16 +151,16 @@ def _crop_offset(seed: tf.Tensor, full: int, size: int) -> tf.Tensor:
     return draw % limit
 
 
-def train_preprocess(image: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
+def train_preprocess(image: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> dict[str, tf.Tensor]:
     """Central square, random crop, random mirror, PCA lighting, normalisation (section 4.1)."""
     crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     image = resize_square(image, p.resize_size)
     offset = _crop_offset(crop_seed, p.resize_size, p.image_size)
     image = tf.slice(image, offset, [p.image_size, p.image_size, 3])
-    return _augment(image, flip_seed, light_seed, p)
+    return _augment(image, offset, flip_seed, light_seed, p)
 
 
-def train_preprocess_jpeg(jpeg: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
+def train_preprocess_jpeg(jpeg: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> dict[str, tf.Tensor]:
     """`train_preprocess` of a JPEG stored at resize_size x resize_size, decoding only the crop
     window (several times faster than decoding the whole image). Without fancy chroma
     upsampling, which reads pixels across the window's edges, the pixels equal those of the
@@ -135,68 +170,102 @@ def train_preprocess_jpeg(jpeg: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf
     window = tf.stack([offset[0], offset[1], p.image_size, p.image_size])
     image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3, fancy_upscaling=False)
     image = tf.ensure_shape(image, [p.image_size, p.image_size, 3])
-    return _augment(tf.cast(image, tf.float32), flip_seed, light_seed, p)
+    return _augment(image, offset, flip_seed, light_seed, p)
 
 
-def _augment(image: tf.Tensor, flip_seed: tf.Tensor, light_seed: tf.Tensor, p: Preprocess):
-    """Random mirror, PCA lighting and normalisation of a float32 crop."""
-    if p.random_flip:
-        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+def _augment(
+    image: tf.Tensor, offset: tf.Tensor, flip_seed: tf.Tensor, light_seed: tf.Tensor, p: Preprocess
+) -> dict[str, tf.Tensor]:
+    """Random mirror of a uint8 crop taken at `offset`, then its lighting and normalisation:
+    here, or (p.on_device) on the device from the crop's position, mirror and colour shift."""
+    flip = tf.constant(False)
+    if p.random_flip:  # the draw of tf.image.stateless_random_flip_left_right
+        flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+        image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+    shift = tf.zeros([3])
     if p.pca_lighting_std > 0:
-        image = pca_lighting(image, p.stats, p.pca_lighting_std, light_seed)
-    return normalize(image, p)
+        shift = lighting_shift(p.stats, p.pca_lighting_std, light_seed)
+    crop = tf.stack([offset[0], offset[1], tf.cast(flip, tf.int32)])
+    if p.on_device:
+        return {"images": image, "crops": crop, "shifts": shift}
+    return {"images": normalize(image, crop, shift, p)}
 
 
-def normalize(image: tf.Tensor, p: Preprocess) -> tf.Tensor:
-    """Subtract the mean (the paper's 0-255 units); optionally divide by the channel std."""
-    image = image - tf.constant(p.stats.mean, tf.float32)
+def normalize(image: tf.Tensor, crop: tf.Tensor, shift: tf.Tensor, p: Preprocess) -> tf.Tensor:
+    """Float32 input of uint8 crops [..., H, W, 3] taken at `crop` [..., 3] = (top, left,
+    mirrored): add the lighting `shift` [..., 3], subtract the mean (the paper's 0-255 units;
+    the mean image's window under each crop) and, optionally, divide by the channel std.
+    device_input.normalize is the same on the device."""
+    image = tf.cast(image, tf.float32) + shift[..., None, None, :]
+    if p.mean == "image":
+        mean = tf.constant(p.stats.mean_image, tf.float32)
+        size = image.shape[-2]
+
+        def window(c: tf.Tensor) -> tf.Tensor:
+            w = tf.slice(mean, [c[0], c[1], 0], [size, size, 3])
+            return tf.cond(c[2] > 0, lambda: tf.reverse(w, [1]), lambda: w)
+
+        flat = tf.reshape(crop, [-1, 3])
+        windows = tf.map_fn(window, flat, fn_output_signature=tf.float32)
+        image = image - tf.reshape(windows, tf.shape(image))
+    else:
+        image = image - tf.constant(p.stats.mean, tf.float32)
     if p.divide_by_std:
-        image = image / tf.constant(np.maximum(p.stats.std(), 1.0), tf.float32)
+        image = image / tf.constant(channel_std(p.stats), tf.float32)
     return image
 
 
-def ten_crops(square: tf.Tensor, size: int) -> tf.Tensor:
-    """The paper's ten patches: four corners and centre, and their mirrors: [10, size, size, 3]."""
-    full = tf.shape(square)[0]
+def channel_std(stats: Stats) -> np.ndarray:
+    """The divisor of `divide_by_std`: the channel std, at least one grey level."""
+    return np.maximum(stats.std(), 1.0).astype(np.float32)
+
+
+def ten_crops(square: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """The paper's ten patches: four corners and centre, and their mirrors: [10, size, size, 3],
+    with where each was taken, [10, 3] (see `normalize`)."""
+    full = square.shape[0] if square.shape[0] is not None else tf.shape(square)[0]
     far, mid = full - size, (full - size) // 2
     offsets = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
     crops = [tf.slice(square, [t, left, 0], [size, size, 3]) for t, left in offsets]
-    crops += [tf.image.flip_left_right(c) for c in crops]
-    return tf.stack(crops)
+    crops += [tf.reverse(c, [1]) for c in crops]
+    where = [tf.stack([t, left, flip]) for flip in (0, 1) for t, left in offsets]
+    return tf.stack(crops), tf.cast(tf.stack(where), tf.int32)
 
 
-def eval_preprocess(image: tf.Tensor, p: Preprocess) -> tf.Tensor:
-    """Centre crop [H, W, 3], or the ten patches [10, H, W, 3] when `p.ten_crop`."""
+def eval_preprocess(image: tf.Tensor, p: Preprocess) -> dict[str, tf.Tensor]:
+    """Centre crop [H, W, 3], or the ten patches [10, H, W, 3] when `p.ten_crop`; normalised
+    here, or (p.on_device) uint8 with their positions."""
     square = resize_square(image, p.resize_size)
     if p.ten_crop:
-        crops = ten_crops(square, p.image_size)
+        crops, where = ten_crops(square, p.image_size)
     else:
         offset = (p.resize_size - p.image_size) // 2
         crops = tf.slice(square, [offset, offset, 0], [p.image_size, p.image_size, 3])
-    return normalize(crops, p)
+        where = tf.constant([offset, offset, 0], tf.int32)
+    if p.on_device:
+        return {"images": crops, "crops": where}
+    return {"images": normalize(crops, where, tf.zeros(where.shape[:-1] + [3]), p)}
 
 
 # ------------------------------------------------------------------------------- statistics
 
 
 def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
-    """Mean and RGB-covariance eigen-decomposition over (up to max_images of) a training split."""
+    """Mean image, mean and RGB-covariance eigen-decomposition over (up to max_images of) a
+    training split, each image at resize_size x resize_size."""
 
-    def moments(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        pixels = tf.reshape(resize_square(split.decode(raw)[0], resize_size), [-1, 3]) / 255.0
-        pixels = tf.cast(pixels, tf.float64)
-        return (
-            tf.reduce_sum(pixels, 0),
-            tf.matmul(pixels, pixels, transpose_a=True),
-            tf.shape(pixels, out_type=tf.int64)[0],
-        )
+    def moments(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        square = tf.cast(resize_square(split.decode(raw)[0], resize_size), tf.float64)
+        pixels = tf.reshape(square, [-1, 3]) / 255.0
+        return square, tf.matmul(pixels, pixels, transpose_a=True)
 
     ds = split.epoch(0, 0, 0).take(max_images).map(moments, AUTOTUNE)
-    total, outer, count = np.zeros(3), np.zeros((3, 3)), 0
-    for s, o, n in ds.as_numpy_iterator():
-        total, outer, count = total + s, outer + o, count + n
-    mean = total / count
-    cov = outer / count - np.outer(mean, mean)
+    total, outer, count = np.zeros((resize_size, resize_size, 3)), np.zeros((3, 3)), 0
+    for s, o in ds.as_numpy_iterator():
+        total, outer, count = total + s, outer + o, count + 1
+    mean_image = total / count
+    mean = mean_image.reshape(-1, 3).mean(0) / 255.0
+    cov = outer / (count * resize_size**2) - np.outer(mean, mean)
     eigval, eigvec = np.linalg.eigh(cov)
     order = np.argsort(eigval)[::-1]
     eigval, eigvec = np.clip(eigval[order], 0.0, None), eigvec[:, order]
@@ -204,6 +273,7 @@ def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
         tuple(float(v) for v in mean * 255.0),
         tuple(float(v) for v in eigval),
         tuple(tuple(float(v) for v in row) for row in eigvec),
+        mean_image.astype(np.float32),
     )
 
 
@@ -214,23 +284,31 @@ def get_stats(
     workdir: epath.PathLike | None,
     write: bool = True,
 ) -> Stats:
-    """ImageNet's built-in statistics, else the training split's, cached in workdir."""
+    """ImageNet's built-in statistics, else those stored with the data, else the training
+    split's, cached in workdir (input_stats.json, input_mean_image.npy)."""
     if source.name == "imagenet2012":
         return IMAGENET_STATS
     if source.stats is not None:  # computed when the data was prepared
-        return Stats.from_dict(source.stats)
+        return Stats.from_dict(source.stats, source.mean_image)
     key = f"{source.fingerprint}|resize={resize_size}|max={max_images}"
     path = epath.Path(workdir) / "input_stats.json" if workdir else None
-    if path is not None and path.exists():
+    image_path = path.with_name("input_mean_image.npy") if path is not None else None
+    if path is not None and path.exists() and image_path.exists():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
-            return Stats.from_dict(cached)
+            with image_path.open("rb") as f:
+                return Stats.from_dict(cached, np.load(f))
     stats = compute_stats(source.train, resize_size, max_images)
     if path is not None and write:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, **dataclasses.asdict(stats)}, indent=1))
-        tmp.replace(path)
+        for final, write_to in (
+            (image_path, lambda f: np.save(f, stats.mean_image)),
+            (path, lambda f: f.write(json.dumps({"key": key, **stats.to_dict()}).encode())),
+        ):
+            tmp = final.with_suffix(".tmp")
+            with tmp.open("wb") as f:
+                write_to(f)
+            tmp.replace(final)
     return stats
 
 
@@ -290,12 +368,9 @@ def train_dataset(
         example_seed = tf.stack([tf.constant(seed, tf.int64), g])
         if crop_only:
             jpeg, label = source.train.jpeg(record)
-            return {
-                "images": train_preprocess_jpeg(jpeg, example_seed, preprocess),
-                "labels": label,
-            }
+            return {**train_preprocess_jpeg(jpeg, example_seed, preprocess), "labels": label}
         image, label = source.train.unpack(record)
-        return {"images": train_preprocess(image, example_seed, preprocess), "labels": label}
+        return {**train_preprocess(image, example_seed, preprocess), "labels": label}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size if rows is None else len(rows), drop_remainder=True)
@@ -325,7 +400,7 @@ def eval_dataset(
             lambda: split.unpack(record),
             lambda: (tf.zeros([1, 1, 3], tf.uint8), tf.constant(0, tf.int32)),
         )
-        return {"images": eval_preprocess(image, preprocess), "labels": label, "weights": weight}
+        return {**eval_preprocess(image, preprocess), "labels": label, "weights": weight}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     local = batch_size if rows is None else len(rows)

@@ -177,6 +177,12 @@ def prefetch(
         enqueue(1)
 
 
+def batch_fn(fn: Callable, mesh: Mesh) -> Callable:
+    """fn(batch, consts) run by each device on the rows it holds (`consts` replicated): input
+    work on the device that needs no communication."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(DATA), P()), out_specs=P(DATA))
+
+
 def _class_reductions(split: bool) -> tuple[Callable, Callable]:
     """psum and pmax over the classes' shards, or no-ops when fc8 is replicated."""
     if not split:

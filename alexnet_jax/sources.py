@@ -65,6 +65,7 @@ class Source:
     eval: Split
     stats: dict | None = None  # input statistics stored with the data (input_pipeline.Stats)
     stored_size: int | None = None  # every image stored as a square of this side
+    mean_image: np.ndarray | None = None  # the training set's, stored with the data
 
     @property
     def num_classes(self) -> int:
@@ -312,6 +313,7 @@ def paper256_source(cfg: ml_collections.ConfigDict) -> Source:
         split(cfg.eval_split, shuffle=False),
         stats=json.loads((directory / "rgb_stats.json").read_text()),
         stored_size=paper256.SIZE,
+        mean_image=np.load(directory / "mean_image.npy"),
     )
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax
@@ -15,7 +16,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from alexnet_jax import checkpoint, cluster, input_pipeline, parallel, sources
+from alexnet_jax import checkpoint, cluster, device_input, input_pipeline, parallel, sources
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import (
     Accumulator,
@@ -64,6 +65,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
     need(
         i.resize_size >= i.image_size,
         f"input.resize_size={i.resize_size} must be at least input.image_size={i.image_size}.",
+    )
+    need(
+        i.mean in input_pipeline.MEANS,
+        f"input.mean={i.mean!r} is unknown; use one of {input_pipeline.MEANS}.",
     )
     need(
         config.num_train_steps > 0 or config.num_epochs > 0,
@@ -122,12 +127,16 @@ class Trainer:
         params = self.abstract_state.params
         replicated = parallel.replicated(mesh)
         self.loss_fn = parallel.make_loss_fn(self.model, params, mesh)
+        self.normalize = parallel.batch_fn(device_input.normalize, mesh)
         self.train_step = jax.jit(
             self._train_step, donate_argnums=0, out_shardings=(self.shardings, replicated)
         )
         self.eval_steps = {  # the centre crop (False) and the paper's ten patches (True)
             ten: jax.jit(
-                parallel.make_eval_fn(self.model, params, mesh, ten), out_shardings=replicated
+                functools.partial(
+                    self._eval_step, parallel.make_eval_fn(self.model, params, mesh, ten)
+                ),
+                out_shardings=replicated,
             )
             for ten in (False, True)
         }
@@ -158,12 +167,25 @@ class Trainer:
         zero = jax.device_put(jnp.zeros((), jnp.float32), parallel.replicated(self.mesh))
         return {k: zero for k in ("loss", "top1_errors", "top5_errors", "count", "learning_rate")}
 
+    def _images(self, batch: dict, consts: dict | None) -> jax.Array:
+        """The model's input: the batch's images, normalised here when they are uint8 crops."""
+        if not device_input.is_raw(batch):
+            return batch["images"]
+        if consts is None:
+            raise ValueError("a batch of uint8 crops needs device_input.constants to normalise")
+        return self.normalize({k: batch[k] for k in device_input.KEYS if k in batch}, consts)
+
     def _train_step(
-        self, state: TrainState, batch: dict, totals: dict | None = None
+        self,
+        state: TrainState,
+        batch: dict,
+        totals: dict | None = None,
+        consts: dict | None = None,
     ) -> tuple[TrainState, dict]:
         """One SGD step. Returns its metric sums and learning rate; given `totals` (the sums of
-        earlier steps), the sums are added to them here rather than by a dispatch per metric."""
-        images, labels = batch["images"], batch["labels"]
+        earlier steps), the sums are added to them here rather than by a dispatch per metric.
+        A batch of uint8 crops is normalised with `consts` (device_input.constants) first."""
+        images, labels = self._images(batch, consts), batch["labels"]
         key = jax.random.fold_in(state.rng, state.step)
         masks = parallel.dropout_masks(key, self.model, images.shape[0], self.image_size, self.mesh)
         grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
@@ -177,20 +199,35 @@ class Trainer:
             sums = {k: totals[k] + v for k, v in sums.items()}
         return new, {**sums, "learning_rate": lr}
 
+    def _eval_step(
+        self, eval_fn: Callable, params: Any, batch: dict, consts: dict | None = None
+    ) -> dict:
+        """Metric sums of one eval batch (see `_train_step` for `consts`)."""
+        return eval_fn(params, self._images(batch, consts), batch["labels"], batch["weights"])
+
+    def input_constants(self, preprocess: input_pipeline.Preprocess) -> dict | None:
+        """What the steps need to normalise `preprocess`'s uint8 batches, on every device."""
+        if not preprocess.on_device:
+            return None
+        consts = device_input.constants(preprocess)
+        return jax.device_put(consts, parallel.replicated(self.mesh))
+
     def evaluate(
         self,
         state: TrainState,
         batches: Iterable[dict],
         ten_crop: bool | None = None,
         prefix: str = "eval",
+        consts: dict | None = None,
     ) -> dict[str, float]:
         """Means over every example of `batches` (rows of weight 0 are padding); `ten_crop`
         batches hold the ten patches of each image (default: as the config says)."""
         step = self.eval_step if ten_crop is None else self.eval_steps[ten_crop]
         sums = Accumulator(cluster.dispatch_depth(jax.default_backend()))
         for local in batches:
-            b = parallel.global_batch(self.mesh, local, self.batch_size)
-            sums.add(step(state.params, b["images"], b["labels"], b["weights"]))
+            sums.add(
+                step(state.params, parallel.global_batch(self.mesh, local, self.batch_size), consts)
+            )
         total = sums.pop()
         return {**means(total, prefix), f"{prefix}/count": int(total["count"])}
 
@@ -233,7 +270,8 @@ def evaluate_and_log(
         rows=trainer.rows,
         threads=trainer.input_threads,
     )
-    metrics = trainer.evaluate(state, input_pipeline.iterate(ds, source.eval))
+    consts = trainer.input_constants(preprocess)
+    metrics = trainer.evaluate(state, input_pipeline.iterate(ds, source.eval), consts=consts)
     log_eval(step, metrics)
     writer.write(step, metrics)
     if plateau:
@@ -268,7 +306,7 @@ def evaluate_checkpoint(
     trainer = Trainer(config, mesh)
     params = jax.device_put(saved.state["params"], trainer.shardings.params)
     state = trainer.abstract_state.replace(params=params)  # evaluation reads only the params
-    stats = input_pipeline.Stats.from_dict(saved.data["stats"])
+    stats = input_pipeline.Stats.from_dict(saved.data["stats"], saved.mean_image)
     preprocess = input_pipeline.Preprocess.from_config(config.input, stats)
     logging.info("evaluating the checkpoint at step %d of %s", saved.step, workdir)
     metrics = {}
@@ -281,7 +319,8 @@ def evaluate_checkpoint(
             threads=trainer.input_threads,
         )
         batches = input_pipeline.iterate(ds, source.eval)
-        metrics |= trainer.evaluate(state, batches, ten_crop, prefix)
+        consts = trainer.input_constants(preprocess)
+        metrics |= trainer.evaluate(state, batches, ten_crop, prefix, consts)
         log_eval(saved.step, metrics, prefix)
     MetricsWriter(workdir, active=jax.process_index() == 0).write(saved.step, metrics)
     return metrics
@@ -322,7 +361,7 @@ def train_and_evaluate(
         source, i.resize_size, i.stats_max_images, workdir, write=pid == 0
     )
     preprocess = input_pipeline.Preprocess.from_config(i, stats)
-    data_meta = {"class_names": source.class_names, "stats": dataclasses.asdict(stats)}
+    data_meta = {"class_names": source.class_names, "stats": stats.to_dict()}
     total = num_train_steps(config, source.train.size)
     logging.info(
         "mesh %s on %d devices; %d train / %d eval examples; %d steps of %d",
@@ -363,6 +402,7 @@ def train_and_evaluate(
         threads=trainer.input_threads,
     )
     batches = parallel.prefetch(mesh, input_pipeline.iterate(ds, source.train), B)
+    consts = trainer.input_constants(preprocess)
     in_flight = InFlight(cluster.dispatch_depth(jax.default_backend()))
     sums, t_log, last_log, eval_metrics = trainer.zero_sums(), time.time(), start, {}
     waited = 0.0  # seconds the loop spent waiting for input since the last log line
@@ -370,7 +410,7 @@ def train_and_evaluate(
         t = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - t
-        state, sums = trainer.train_step(state, batch, sums)  # sums since the last log line
+        state, sums = trainer.train_step(state, batch, sums, consts)  # sums since the last log
         in_flight.add(sums)
         saving = step % config.checkpoint_every_steps == 0 or step == total
         logging_now = step % config.log_every_steps == 0 or step == total
@@ -393,7 +433,7 @@ def train_and_evaluate(
         if step % config.eval_every_steps == 0 or step == total:
             state, eval_metrics = run_eval(state, step)
         if saving:
-            ckpt.save(step, state, config, data_meta)
+            ckpt.save(step, state, config, data_meta, stats.mean_image)
     if start >= total:
         logging.info("workdir already holds the final step %d; evaluating it", total)
         state, eval_metrics = run_eval(state, total)

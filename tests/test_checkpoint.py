@@ -1,7 +1,6 @@
 """Checkpoint round trip, the newest of several restored, refusal of a checkpoint this run
 cannot resume (another model, an earlier state layout), damaged files, moves between meshes."""
 
-import dataclasses
 import json
 import shutil
 
@@ -47,13 +46,17 @@ def test_the_newest_of_several_checkpoints_is_restored(tiny, tmp_path):
     assert not _states_equal(restored, states[4]) and not _states_equal(restored, states[2])
 
 
-def _saved_at_step_4(config, workdir, state=None):
-    """A fresh state of `config` (or `state`) checkpointed at step 4; returns the trainer."""
+def _saved_at_step_4(config, workdir, state=None, mean_image_too=True):
+    """A fresh state of `config` (or `state`) checkpointed at step 4, with a random mean image
+    (as input.mean='image' runs save); returns the trainer."""
     trainer = train.Trainer(config, parallel.create_mesh(1, 1))
     ckpt = checkpoint.Checkpointer(str(workdir))
     state = trainer.init_state(0) if state is None else state
-    stats = dataclasses.asdict(input_pipeline.IMAGENET_STATS)
-    ckpt.save(4, state, config, {"class_names": list("0123456789"), "stats": stats})
+    stats = input_pipeline.IMAGENET_STATS.to_dict()
+    side = config.input.resize_size
+    mean_image = np.random.default_rng(0).uniform(0, 255, (side, side, 3)).astype(np.float32)
+    data = {"class_names": list("0123456789"), "stats": stats}
+    ckpt.save(4, state, config, data, mean_image if mean_image_too else None)
     ckpt.close()
     return trainer
 
@@ -89,11 +92,15 @@ def test_a_checkpoint_of_an_earlier_state_layout_is_refused_but_its_parameters_l
     config = tiny()
     trainer = train.Trainer(config, parallel.create_mesh(1, 1))
     old = _layout_1_state(trainer)
-    _saved_at_step_4(config, tmp_path, old)
+    _saved_at_step_4(config, tmp_path, old, mean_image_too=False)
     data = tmp_path / "checkpoints" / "4" / "data" / "metadata"
     fields = json.loads(data.read_text())
     del fields["state_layout"]  # what the earlier version wrote
     data.write_text(json.dumps(fields))
+    saved_config = tmp_path / "checkpoints" / "4" / "config" / "metadata"
+    fields = json.loads(saved_config.read_text())
+    del fields["input"]["mean"], fields["input"]["normalize_on_device"]  # nor these fields
+    saved_config.write_text(json.dumps(fields))
     before = _files(tmp_path)
 
     with pytest.raises(UsageError, match="predates a change of the train state's layout") as e:
@@ -105,6 +112,7 @@ def test_a_checkpoint_of_an_earlier_state_layout_is_refused_but_its_parameters_l
     restored = load_checkpoint(str(tmp_path))
     assert restored.step == 4
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), old.params)
+    assert restored.preprocess.mean == "channel" and not restored.preprocess.on_device
 
 
 def test_a_current_checkpoint_is_stamped_with_its_layout(tiny, tmp_path):
@@ -147,3 +155,17 @@ def test_a_corrupt_checkpoint_is_named_and_kept(tiny, tmp_path):
     import gc
 
     gc.collect()  # collect Orbax's abandoned reads here, under this test's warning filter
+
+
+def test_the_mean_image_travels_with_the_checkpoint(tiny, tmp_path):
+    config = tiny()
+    assert config.input.mean == "image"
+    _saved_at_step_4(config, tmp_path)
+    side = config.input.resize_size
+    want = np.random.default_rng(0).uniform(0, 255, (side, side, 3)).astype(np.float32)
+    restored = load_checkpoint(str(tmp_path))
+    assert restored.preprocess.mean == "image"
+    np.testing.assert_array_equal(restored.preprocess.stats.mean_image, want)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    saved = checkpoint.Checkpointer(str(tmp_path), read_only=True).read(4, one)
+    np.testing.assert_array_equal(saved.mean_image, want)

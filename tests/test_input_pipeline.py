@@ -22,7 +22,7 @@ def _pre(**kw) -> ip.Preprocess:
 def _coords_image(size: int) -> tf.Tensor:
     """A square image whose R and G channels hold the row and column of each pixel."""
     r, c = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
-    return tf.constant(np.stack([r, c, np.zeros_like(r)], -1).astype(np.float32))
+    return tf.constant(np.stack([r, c, np.zeros_like(r)], -1).astype(np.uint8))
 
 
 @pytest.mark.parametrize("shape", [(40, 100), (100, 40)])
@@ -31,8 +31,8 @@ def test_resize_square_takes_the_central_square(shape):
     result covers the original's central 40x40: rows/columns 30-70 of the long side."""
     h, w = shape
     r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    image = tf.constant(np.stack([r, c, np.zeros_like(r)], -1).astype(np.float32))
-    out = ip.resize_square(image, 20).numpy()
+    image = tf.constant(np.stack([r, c, np.zeros_like(r)], -1).astype(np.uint8))
+    out = ip.resize_square(image, 20).numpy().astype(np.float32)
     assert out.shape == (20, 20, 3)
     rows, cols = out[..., 0], out[..., 1]
     long_axis = cols if w > h else rows
@@ -49,13 +49,19 @@ def test_random_crop_and_flip_geometry():
     image = _coords_image(32)
     tops, flips = set(), 0
     for i in range(64):
-        out = ip.train_preprocess(image, tf.constant([0, i], tf.int64), p).numpy()
+        seed = tf.constant([0, i], tf.int64)
+        out = ip.train_preprocess(image, seed, p)["images"].numpy()
         rows, cols = out[..., 0], out[..., 1]
         assert np.all(np.diff(rows, axis=0) == 1)  # a contiguous window
         top, left = rows[0, 0], min(cols[0, 0], cols[0, -1])
         assert 0 <= top <= 8 and 0 <= left <= 8  # inside the 32x32 square
         flipped = cols[0, 0] > cols[0, -1]
         flips += flipped
+        # For the device, the same window and mirror travel with the uint8 crop.
+        raw = ip.train_preprocess(image, seed, dataclasses.replace(p, on_device=True))
+        assert raw["images"].dtype == tf.uint8
+        np.testing.assert_array_equal(raw["images"].numpy(), out)
+        assert tuple(raw["crops"].numpy()) == (top, left, flipped)
         np.testing.assert_array_equal(np.abs(np.diff(cols, axis=1)), 1)
         tops.add(top)
     assert len(tops) > 4  # the crop moves
@@ -67,12 +73,7 @@ def test_pca_lighting_statistics():
     255^2 V diag(0.01 lambda^2) V^T."""
     stats = ip.IMAGENET_STATS
     shifts = np.stack(
-        [
-            ip.pca_lighting(tf.zeros([1, 1, 3]), stats, 0.1, tf.constant([7, i], tf.int64))
-            .numpy()
-            .reshape(3)
-            for i in range(4000)
-        ]
+        [ip.lighting_shift(stats, 0.1, tf.constant([7, i], tf.int64)).numpy() for i in range(4000)]
     )
     v, lam = np.asarray(stats.eigvec), np.asarray(stats.eigval)
     want = 255.0**2 * v @ np.diag((0.1 * lam) ** 2) @ v.T
@@ -84,16 +85,17 @@ def test_pca_lighting_statistics():
 
 
 def test_ten_crops_are_corners_centre_and_mirrors():
-    crops = ip.ten_crops(_coords_image(10), 6).numpy()
+    crops, where = (t.numpy() for t in ip.ten_crops(_coords_image(10), 6))
     assert crops.shape == (10, 6, 6, 3)
     corners = [(c[0, 0, 0], c[0, 0, 1]) for c in crops[:5]]
     assert corners == [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]
     np.testing.assert_array_equal(crops[5:], crops[:5, :, ::-1])
+    assert where.tolist() == [[t, left, f] for f in (0, 1) for t, left in corners]
 
 
 def test_eval_ten_crop_output():
     p = _pre(stats=ip.Stats((1.0, 2.0, 3.0), (0.0,) * 3, IDENTITY), ten_crop=True)
-    out = ip.eval_preprocess(tf.fill([80, 90, 3], tf.constant(10, tf.uint8)), p)
+    out = ip.eval_preprocess(tf.fill([80, 90, 3], tf.constant(10, tf.uint8)), p)["images"]
     assert out.shape == (10, 67, 67, 3)
     np.testing.assert_allclose(out.numpy()[..., 2], 7.0, atol=1e-4)  # mean subtracted
 

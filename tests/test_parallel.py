@@ -101,7 +101,7 @@ def test_ten_patch_eval_averages_the_softmax(tiny, mesh):
     batch = parallel.global_batch(
         trainer.mesh, {"images": images, "labels": labels, "weights": weights}, 4
     )
-    sums = jax.device_get(trainer.eval_step(state.params, *batch.values()))
+    sums = jax.device_get(trainer.eval_step(state.params, batch))
 
     params = jax.device_get(state.params)
     logits = trainer.model.apply({"params": params}, images.reshape(40, 67, 67, 3))

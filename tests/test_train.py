@@ -1,6 +1,7 @@
 """Train state, the step (one compilation, the scheduled rate), the loop's checks and guards."""
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +19,14 @@ def _trainer(config):
     return train.Trainer(config, mesh), mesh
 
 
-def _fixed_batch(config, n=None):
+def _fixed_batch(config, n=None, on_device=False):
+    """The first train batch: float32 images, or uint8 crops to normalise on the device."""
     source = sources.create_source(config.input)
     stats = input_pipeline.get_stats(source, config.input.resize_size, 100, None)
+    preprocess = input_pipeline.Preprocess.from_config(config.input, stats)
     ds = input_pipeline.train_dataset(
         source,
-        input_pipeline.Preprocess.from_config(config.input, stats),
+        dataclasses.replace(preprocess, on_device=on_device),
         seed=0,
         batch_size=n or config.batch_size,
         start_step=0,

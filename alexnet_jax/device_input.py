@@ -1,0 +1,53 @@
+"""The end of the input transform, on the device: uint8 crops to the model's float32 input.
+
+With input.normalize_on_device the host ships each crop as uint8 (4x fewer bytes than float32)
+with where it was taken (top, left, mirrored: 3 int32) and, in training, its PCA lighting
+shift (3 float32). Inside the jitted step this module adds the shift, subtracts the mean (the
+window of the mean image under the crop, mirrored with it, or the channel mean) and divides by
+the std: input_pipeline.normalize's arithmetic, which the tests hold it to.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alexnet_jax.input_pipeline import Preprocess, channel_std
+
+KEYS = ("images", "crops", "shifts")  # what a uint8 batch carries besides labels and weights
+
+
+def constants(p: Preprocess) -> dict[str, np.ndarray]:
+    """The statistics `normalize` needs: the mean ([3], or the [S, S, 3] mean image) and the
+    divisor ([3]; ones without divide_by_std)."""
+    mean = p.stats.mean_image if p.mean == "image" else np.asarray(p.stats.mean)
+    std = channel_std(p.stats) if p.divide_by_std else np.ones(3)
+    return {"mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32)}
+
+
+def is_raw(batch: dict) -> bool:
+    """Whether `batch` holds uint8 crops to normalise (else normalised float32 images)."""
+    return "crops" in batch
+
+
+def normalize(batch: dict[str, jax.Array], consts: dict[str, jax.Array]) -> jax.Array:
+    """float32 images [..., H, W, 3] from batch's uint8 `images`, `crops` [..., 3] and, if
+    present, lighting `shifts` [..., 3]."""
+    images, crops = batch["images"], batch["crops"]
+    x = images.astype(jnp.float32)
+    if "shifts" in batch:
+        x = x + batch["shifts"][..., None, None, :]
+    per_channel = (1,) * (x.ndim - 1) + (3,)
+    mean = consts["mean"]
+    if mean.ndim == 3:  # the mean image: each crop's own window
+        h, w = images.shape[-3:-1]
+
+        def window(c: jax.Array) -> jax.Array:
+            win = jax.lax.dynamic_slice(mean, (c[0], c[1], 0), (h, w, 3))
+            return jnp.where(c[2] > 0, win[:, ::-1], win)
+
+        mean = jax.vmap(window)(crops.reshape(-1, 3)).reshape(images.shape)
+    else:
+        mean = mean.reshape(per_channel)
+    return (x - mean) / consts["std"].reshape(per_channel)
