@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-NAME, VERSION = "imagenet2012_paper256", "1.0.0"
+# 1.1.0: resized with the antialiased bilinear filter of TFDS's general path (1.0.0: bicubic).
+NAME, VERSION = "imagenet2012_paper256", "1.1.0"
 SIZE, QUALITY = 256, 95  # JPEG quality 95: 256x256 photographs of ~30 KB
 VAL_SHARD = 1000  # validation images per shard
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
@@ -32,15 +33,17 @@ TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
 
 def to_paper256(data: bytes) -> np.ndarray:
     """Any image file (CMYK or greyscale JPEG, PNG under a .JPEG name, ...) -> the paper's
-    256x256 RGB uint8: shorter side to 256 (antialiased), then the central square."""
+    256x256 RGB uint8: the central square of the shorter side, resized to 256 with an
+    antialiased bilinear (triangle) filter, the one TFDS imagenet2012's general path uses
+    (input_pipeline.resize_square). Only the square is resampled, not the discarded sides."""
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
         w, h = im.size
-        scale = SIZE / min(w, h)
-        size = (max(SIZE, round(w * scale)), max(SIZE, round(h * scale)))
-        im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
-        left, top = (size[0] - SIZE) // 2, (size[1] - SIZE) // 2
-        return np.asarray(im.crop((left, top, left + SIZE, top + SIZE)))
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        box = (left, top, left + side, top + side)
+        resized = im.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
+        return np.asarray(resized)
 
 
 def encode(image: np.ndarray) -> bytes:
@@ -107,7 +110,7 @@ def write_shard(job: Job, directory: str) -> int:
     final = shard_path(Path(directory), job.split, job.index, job.count)
     tmp = final.with_name(final.name + ".incomplete")
     features = _features()
-    total, outer = np.zeros((SIZE, SIZE, 3)), np.zeros((3, 3))
+    total, outer = np.zeros((SIZE, SIZE, 3), np.uint32), np.zeros((3, 3))
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
     n = 0
     for name, data, label in _images(job):
@@ -115,15 +118,15 @@ def write_shard(job: Job, directory: str) -> int:
             image = to_paper256(data)
         except (OSError, ValueError) as e:  # Pillow's errors for a damaged file
             raise ValueError(f"{name} in {job.tar} could not be decoded: {e}") from None
-        if job.split == "train":
+        if job.split == "train":  # exact sums: integers, and float32 products of 0-255
             total += image
-            pixels = image.reshape(-1, 3).astype(np.float64) / 255.0
+            pixels = image.reshape(-1, 3).astype(np.float32)
             outer += pixels.T @ pixels
         writer.write(features.serialize_example({"image": encode(image), "label": label}))
         n += 1
     writer.close()
     if job.split == "train":
-        np.savez(_stats_path(final), total=total, outer=outer, count=n)
+        np.savez(_stats_path(final), total=total, outer=outer / 255.0**2, count=n)
     os.replace(tmp, final)
     return n
 
@@ -217,7 +220,7 @@ def _finish(directory: Path, jobs: list[Job], tfds) -> None:
     train = [shard_path(directory, "train", j.index, j.count) for j in jobs if j.split == "train"]
     parts = [np.load(_stats_path(p)) for p in train]
     count = sum(int(p["count"]) for p in parts)
-    mean_image = sum(p["total"] for p in parts) / count
+    mean_image = sum(p["total"].astype(np.float64) for p in parts) / count
     mean = mean_image.reshape(-1, 3).mean(0) / 255.0
     cov = sum(p["outer"] for p in parts) / (count * SIZE * SIZE) - np.outer(mean, mean)
     eigval, eigvec = np.linalg.eigh(cov)

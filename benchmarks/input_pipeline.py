@@ -1,6 +1,6 @@
 """Images/s per core of the input paths, beside what the train step consumes on this machine.
 
-    .venv/bin/python benchmarks/input_pipeline.py [--images=384] [--step_batch=32]
+    .venv/bin/python benchmarks/input_pipeline.py [--images=384] [--step_batch=32] [--rounds=3]
 
 Makes ImageNet-like JPEGs (crops and scales of the two photographs scikit-learn ships, about
 500x375 like ImageNet's; not random noise, which decodes unlike photographs), writes them as
@@ -8,20 +8,24 @@ ILSVRC2012 tars, and times on one core each (one process, one tf.data thread):
 
 - preparation of the paper-256 form (paper256.py: decode, resize, re-encode);
 - the train path on the raw JPEGs (decode everything, resize, crop, flip, lighting);
-- the train path on paper-256 data (decode only the crop window, flip, lighting);
+- the train path on paper-256 data (decode only the crop window, flip, lighting), and the
+  decoding of those windows alone;
 - the eval path on paper-256 data, centre crop and ten patches;
+- reading paper-256 records, as sources.py does and through TFDS's Python deserialisation;
 
 and the paper model's train step (all cores) at the given batch, in images/s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ importable
@@ -33,6 +37,7 @@ from PIL import Image  # noqa: E402
 
 _IMAGES = flags.DEFINE_integer("images", 384, "Training images to make (and validation: 1/4).")
 _STEP_BATCH = flags.DEFINE_integer("step_batch", 32, "Batch of the timed train step (0: skip).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds of the input paths' timings.")
 
 
 def photographs(n: int, seed: int = 0) -> list[bytes]:
@@ -94,9 +99,59 @@ def _rate(ds, split) -> float:
     return count / (time.perf_counter() - start)
 
 
+def decode_rate(source, epochs: int) -> float:
+    """Images/s of decoding a 227x227 window of each stored JPEG, held in memory: the ceiling
+    of the paper-256 train path, which also reads, draws, mirrors and batches."""
+    import tensorflow as tf
+
+    from alexnet_jax import input_pipeline as ip
+
+    keys = tf.range(source.train.size, dtype=tf.int64)
+    jpegs, labels = source.train.fetch(keys)
+    ds = tf.data.Dataset.from_tensor_slices((jpegs, labels)).repeat(epochs)
+    window = lambda j, y: {
+        "images": tf.io.decode_and_crop_jpeg(j, [14, 14, 227, 227], 3, fancy_upscaling=False),
+        "labels": y,
+    }
+    return _rate(ip._threads(ds.map(window).batch(16), 1), source.train)
+
+
+def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[], float]]:
+    """Records/s of reading paper-256's train split a batch of keys per call, two ways: as
+    sources.py reads (serialized records, parsed by TensorFlow a batch at once) and through
+    TFDS's per-example deserialisation in Python."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from alexnet_jax import input_pipeline as ip
+    from alexnet_jax import sources
+
+    builder = tfds.builder_from_directory(str(directory))
+    split = sources._tfds_random_access(builder, "train", shuffle=False)
+    tfds_source = builder.as_data_source(
+        split="train", decoders={"image": tfds.decode.SkipDecoding()}
+    )
+
+    def tfds_np(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        examples = tfds_source.__getitems__([int(k) for k in keys])
+        images = np.array([e["image"] for e in examples], dtype=object)
+        return images, np.array([e["label"] for e in examples], np.int32)
+
+    tfds_fetch = lambda keys: tf.numpy_function(tfds_np, [keys], (tf.string, tf.int32))
+
+    def rate(fetch) -> float:
+        keys = tf.data.Dataset.range(split.size).repeat(epochs).batch(batch)
+        pair = lambda k: dict(zip(("image", "labels"), fetch(k), strict=True))
+        return _rate(ip._threads(keys.map(pair), 1), split)
+
+    return {
+        "reading, records parsed by TensorFlow (used)": lambda: rate(split.fetch),
+        "reading, TFDS's deserialisation in Python": lambda: rate(tfds_fetch),
+    }
+
+
 def main(argv: list[str]) -> None:
     del argv
-    import dataclasses
 
     from alexnet_jax import input_pipeline as ip
     from alexnet_jax import paper256, sources
@@ -118,7 +173,8 @@ def main(argv: list[str]) -> None:
         paper256.write_shard(jobs[0], str(out))  # warm-up: imports, the first shard
         start = time.perf_counter()
         done = sum(paper256.write_shard(j, str(out)) for j in jobs[1:])
-        rows.append(("preparation (paper-256, Pillow)", done / (time.perf_counter() - start)))
+        prep = done / (time.perf_counter() - start)
+        rows.append(("preparation (paper-256, Pillow)", prep))
         paper256.prepare(str(root / "data"), str(root / "tars"), processes=1)
         stored_bytes = sum(f.stat().st_size for f in out.glob("*-train.array_record-*")) / n
         source_bytes = sum(len(x) for x in train) / n
@@ -135,30 +191,58 @@ def main(argv: list[str]) -> None:
         folder = sources.create_source(cfg)
         cfg.dataset, cfg.data_dir = "imagenet2012_paper256", str(root / "data")
         stored = sources.create_source(cfg)
-        p = ip.Preprocess(ip.IMAGENET_STATS, 227, 256, random_flip=True, pca_lighting_std=0.1)
+        # As configs/alexnet.py runs: uint8 crops out, normalised on the device; the mean
+        # image where the data has one (paper-256), else the channel mean.
+        stats = ip.Stats.from_dict(stored.stats, stored.mean_image)
+        p = ip.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=True)
         batch, epochs = 16, 4  # each path reads its data `epochs` times
 
-        def train_rate(source):
+        def train_rate(source, p):
             steps = epochs * source.train.size // batch
             ds = ip.train_dataset(
                 source, p, seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=1
             )
             return _rate(ds, source.train)
 
-        rows.append(("train path, raw JPEGs (decode all, resize)", train_rate(folder)))
-        rows.append(("train path, paper-256 (decode crop window)", train_rate(stored)))
-        for ten in (False, True):
+        raw = dataclasses.replace(p, mean="channel")
+        host = dataclasses.replace(p, on_device=False)
+
+        def eval_rate(ten: bool) -> float:
             q = dataclasses.replace(p, ten_crop=ten)
             ds = ip.eval_dataset(stored, q, batch_size=batch, threads=1).repeat(epochs)
-            name = "eval path, paper-256, " + ("ten patches" if ten else "centre crop")
-            rows.append((name, _rate(ds, stored.eval)))
+            return _rate(ds, stored.eval)
+
+        paths = {
+            "train path, raw JPEGs (decode all, resize)": lambda: train_rate(folder, raw),
+            "train path, paper-256 (decode crop window)": lambda: train_rate(stored, p),
+            "  the same, normalised on the host (float32)": lambda: train_rate(stored, host),
+            "  its decoding alone (the window, from memory)": lambda: decode_rate(stored, epochs),
+            "eval path, paper-256, centre crop": lambda: eval_rate(False),
+            "eval path, paper-256, ten patches": lambda: eval_rate(True),
+            **read_rates(out, batch, epochs),
+        }
+        # Interleaved rounds (A B C ... A B C ...): this machine's speed drifts by tens of
+        # percent over minutes, so each path gets its median and the ratio its spread.
+        measured = {name: [] for name in paths}
+        for _ in range(_ROUNDS.value):
+            for name, measure in paths.items():
+                measured[name].append(measure())
+        rows += [(name, np.median(v), min(v), max(v)) for name, v in measured.items()]
+        raw_name, paper_name = list(paths)[:2]
+        ratios = np.array(measured[paper_name]) / np.array(measured[raw_name])
 
     if _STEP_BATCH.value:
-        rows.append((f"train step, paper model, batch {_STEP_BATCH.value}, all cores", step_rate()))
+        step = step_rate()
+        rows.append((f"train step, paper model, batch {_STEP_BATCH.value}, all cores", step))
     print(f"\n{'path':<52} {'images/s':>10}")
-    for name, rate in rows:
+    for name, rate, *spread in rows:
         per = "" if "all cores" in name else " per core"
-        print(f"{name:<52} {rate:>10,.0f}{per}")
+        rounds = f"  ({spread[0]:,.0f}-{spread[1]:,.0f})" if spread else ""
+        print(f"{name:<52} {rate:>10,.0f}{per}{rounds}")
+    print(
+        f"paper-256 train path / raw path: {np.median(ratios):.1f}x (rounds: "
+        f"{', '.join(f'{r:.1f}' for r in ratios)})"
+    )
     print(f"(on {os.cpu_count()} cores; {n} train and {len(val)} validation images)")
     print(
         f"paper-256 stores {stored_bytes / 1e3:.1f} KB per image (the JPEGs made here: "
@@ -168,9 +252,11 @@ def main(argv: list[str]) -> None:
 
 
 def step_rate() -> float:
-    """Images/s of the real Trainer step for the paper model on this machine's devices."""
+    """Images/s of the real Trainer step for the paper model on this machine's devices, fed
+    uint8 crops that it normalises with a mean image, as configs/alexnet.py trains."""
     import jax
 
+    from alexnet_jax import input_pipeline as ip
     from alexnet_jax import parallel, train
     from configs import alexnet
 
@@ -183,15 +269,20 @@ def step_rate() -> float:
     rng = np.random.default_rng(0)
     b = config.batch_size
     local = {
-        "images": rng.normal(size=(b, 227, 227, 3)).astype(np.float32),
+        "images": rng.integers(0, 256, (b, 227, 227, 3)).astype(np.uint8),
+        "crops": np.stack([rng.integers(0, 30, b), rng.integers(0, 30, b), np.arange(b) % 2], 1),
+        "shifts": rng.normal(size=(b, 3)).astype(np.float32),
         "labels": rng.integers(0, 1000, b).astype(np.int32),
     }
-    batch = parallel.global_batch(mesh, local, b)
-    state, m = trainer.train_step(state, batch)  # compile
+    stats = dataclasses.replace(ip.IMAGENET_STATS, mean_image=np.full((256, 256, 3), 120.0))
+    preprocess = ip.Preprocess(stats, 227, 256, mean="image", on_device=True)
+    consts = trainer.input_constants(preprocess)
+    batch = parallel.global_batch(mesh, {**local, "crops": local["crops"].astype(np.int32)}, b)
+    state, m = trainer.train_step(state, batch, None, consts)  # compile
     jax.block_until_ready(m)
     start, steps = time.perf_counter(), 3
     for _ in range(steps):
-        state, m = trainer.train_step(state, batch)
+        state, m = trainer.train_step(state, batch, None, consts)
     jax.block_until_ready(m)
     return steps * b / (time.perf_counter() - start)
 

@@ -4,11 +4,13 @@ dataset's odd files), its labels, its statistics, resumption, and training on it
 import io
 import tarfile
 
+import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-from alexnet_jax import UsageError, paper256, sources, train
+from alexnet_jax import UsageError, device_input, paper256, sources, train
 from alexnet_jax import input_pipeline as ip
 
 SYNSETS, VAL_LABELS = paper256.tfds_labels()
@@ -106,10 +108,13 @@ def test_odd_files_become_rgb_256():
     for kind in KINDS:
         out = paper256.to_paper256(_file(photo, kind))
         assert out.shape == (256, 256, 3) and out.dtype == np.uint8
-    # The central square of the shorter side scaled to 256: columns 50..450 of 500 -> 256.
-    centre = paper256.to_paper256(_file(photo, "png"))
-    ref = np.asarray(Image.fromarray(photo).resize((427, 256), Image.Resampling.BICUBIC))
-    assert np.abs(centre.astype(int) - ref[:, 85:341]).mean() < 1.0
+    # The central square of the shorter side scaled to 256 (columns 100..400 of 500), as the
+    # general input path resizes raw images, to rounding and the filters' edge handling.
+    centre = paper256.to_paper256(_file(photo, "png")).astype(int)
+    general = ip.resize_square(tf.constant(photo), 256).numpy().astype(int)
+    assert np.abs(centre - general).mean() < 0.5
+    left = ip.resize_square(tf.constant(photo[:, :300]), 256).numpy().astype(int)
+    assert np.abs(centre - left).mean() > 10  # another square differs
 
 
 def test_statistics_of_the_training_set(prepared):
@@ -174,25 +179,37 @@ def test_train_and_evaluate_with_ten_patches(prepared, tmp_path):
     assert metrics["eval/count"] == 6  # every validation image once, padding excluded
 
 
-def _stream(source, start, steps, resize=256):
-    p = ip.Preprocess(ip.IMAGENET_STATS, 227, resize, random_flip=True, pca_lighting_std=0.1)
+def _stream(source, start, steps, on_device=True):
+    stats = ip.Stats.from_dict(source.stats, source.mean_image)
+    p = ip.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=on_device)
     ds = ip.train_dataset(source, p, seed=3, batch_size=4, start_step=start, num_steps=steps)
-    return list(ip.iterate(ds, source.train))
+    return list(ip.iterate(ds, source.train)), p
 
 
 def test_the_crop_window_path_equals_decoding_the_whole_image(prepared):
     import dataclasses
 
     source = sources.paper256_source(_cfg(prepared))
-    fast = _stream(source, 0, 4)
-    plain = _stream(dataclasses.replace(source, stored_size=None), 0, 4)
+    fast, p = _stream(source, 0, 4)
+    plain, _ = _stream(dataclasses.replace(source, stored_size=None), 0, 4)
+    assert fast[0]["images"].dtype == np.uint8  # what travels to the devices
     assert not np.array_equal(fast[0]["images"][0], fast[0]["images"][1])
+    assert len({tuple(c) for b in fast for c in b["crops"]}) > 8
     for a, b in zip(fast, plain, strict=True):
-        np.testing.assert_array_equal(a["labels"], b["labels"])
-        np.testing.assert_array_equal(a["images"], b["images"])
+        assert a.keys() == b.keys() == {"images", "labels", "crops", "shifts"}
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
     # A resumed run sees the batches an uninterrupted one would (12 images: 3 per epoch).
-    for a, b in zip(fast[2:], _stream(source, 2, 4), strict=True):
-        np.testing.assert_array_equal(a["images"], b["images"])
+    for a, b in zip(fast[2:], _stream(source, 2, 4)[0], strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # Normalised on the device, with the mean image's windows: the host's float32 path.
+    host, _ = _stream(source, 0, 4, on_device=False)
+    norm = jax.jit(device_input.normalize)
+    consts = device_input.constants(p)
+    for a, b in zip(fast, host, strict=True):
+        raw = {k: a[k] for k in device_input.KEYS}
+        np.testing.assert_allclose(norm(raw, consts), b["images"], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.slow  # prepares and reads a few dozen photographs, one core each
@@ -204,7 +221,7 @@ def test_the_input_benchmark_prints_every_path():
 
     script = REPO / "benchmarks/input_pipeline.py"
     r = subprocess.run(
-        [sys.executable, str(script), "--images=48", "--step_batch=0"],
+        [sys.executable, str(script), "--images=48", "--step_batch=0", "--rounds=1"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -215,4 +232,4 @@ def test_the_input_benchmark_prints_every_path():
         for line in r.stdout.splitlines()
         if "per core" in line
     }
-    assert len(rates) == 5 and all(v > 0 for v in rates.values()), r.stdout
+    assert len(rates) == 9 and all(v > 0 for v in rates.values()), r.stdout
