@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow is only the input pipeline
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # configs/ importable from any cwd
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # configs/ importable from any cwd
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -91,8 +92,10 @@ def _dotted_keys(config, prefix: str = "") -> list[str]:
 def check_overrides(argv: list[str]) -> str | None:
     """One line naming an unknown --config.KEY and its nearest existing key, else None."""
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None or not os.path.exists(path.split(":")[0]):
-        return None  # absl reports the missing or wrong --config itself
+    if path is None:
+        return None  # absl reports the missing --config itself
+    if not os.path.isfile(path.split(":")[0]):
+        return f"--config={path}: no such file (the configs are in {HERE / 'configs'})"
     spec = importlib.util.spec_from_file_location("_launch_config", path.split(":")[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

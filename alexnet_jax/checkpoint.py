@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from alexnet_jax import cluster
 from alexnet_jax.errors import UsageError
@@ -70,8 +71,17 @@ class Checkpointer:
                 f"No checkpoints in {self.directory}: train first with "
                 f"`python launch.py --config=... --workdir={workdir}`."
             )
+        if not read_only and self.directory.is_dir():
+            # Orbax writes a step under a temporary name and renames it when complete: these
+            # are saves a killed run never finished. The newest complete step is restored.
+            partial = sorted(p.name for p in self.directory.glob("*.orbax-checkpoint-tmp*"))
+            if partial and jax.process_index() == 0:
+                logging.warning("removing incomplete checkpoints of a killed run: %s", partial)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only
+            max_to_keep=None if read_only else keep,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
         )
         # Named handlers, so a fresh manager can read metadata before any restore.
         handlers = {

@@ -39,6 +39,11 @@ class Restored:
             images = images[None]
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise UsageError(f"predict wants uint8 images [N, H, W, 3], got {images.shape}.")
+        if images.dtype != np.uint8:  # 0-1 floats read as 0-255 would be all but black
+            raise UsageError(
+                f"predict wants uint8 images (0-255), got {images.dtype}; convert images in "
+                "0-1 with (x * 255).round().astype(np.uint8)."
+            )
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
         batch = np.stack(

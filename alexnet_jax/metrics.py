@@ -72,6 +72,19 @@ class MetricsWriter:
             self.path = workdir / "metrics.jsonl"
             self.tb = tf.summary.create_file_writer(os.fspath(workdir / "tensorboard"))
 
+    def drop_after(self, step: int) -> int:
+        """Remove the lines of steps after `step` (a resumed run writes them again) and
+        return how many there were."""
+        if not self.active or not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
+        return len(lines) - len(kept)
+
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,8 +16,17 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
+from etils import epath
 
-from alexnet_jax import checkpoint, cluster, device_input, input_pipeline, parallel, sources
+from alexnet_jax import (
+    checkpoint,
+    cluster,
+    device_input,
+    input_pipeline,
+    lifecycle,
+    parallel,
+    sources,
+)
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import (
     Accumulator,
@@ -69,6 +79,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
     need(
         i.mean in input_pipeline.MEANS,
         f"input.mean={i.mean!r} is unknown; use one of {input_pipeline.MEANS}.",
+    )
+    need(
+        config.num_train_steps == -1 or config.num_train_steps > 0,
+        f"num_train_steps={config.num_train_steps}: set a positive number of steps, or -1 to "
+        "train num_epochs epochs.",
     )
     need(
         config.num_train_steps > 0 or config.num_epochs > 0,
@@ -280,13 +295,16 @@ def evaluate_and_log(
     return state, metrics
 
 
+EVAL_MODE_DIR = "eval_mode"  # --mode=eval writes its metrics.jsonl and TensorBoard events here
+
+
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int | None = None
 ) -> dict[str, float]:
     """--mode=eval: the newest checkpoint (or `step`) on the eval split with the centre crop
     (eval/...) and with the paper's ten patches (eval_ten_crop/...). The model and the input
-    statistics are the checkpoint's own; one line goes to metrics.jsonl; no checkpoint is
-    written or changed."""
+    statistics are the checkpoint's own; one line goes to workdir/eval_mode/metrics.jsonl; no
+    checkpoint is written or changed, and no lock taken: it may run beside training."""
     config = resolve_batch_size(config, jax.device_count())
     workdir = cluster.workdir_path(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
@@ -322,7 +340,9 @@ def evaluate_checkpoint(
         consts = trainer.input_constants(preprocess)
         metrics |= trainer.evaluate(state, batches, ten_crop, prefix, consts)
         log_eval(saved.step, metrics, prefix)
-    MetricsWriter(workdir, active=jax.process_index() == 0).write(saved.step, metrics)
+    # Its own file: a training run may be appending to (and on resume trimming) metrics.jsonl.
+    writer = MetricsWriter(workdir / EVAL_MODE_DIR, active=jax.process_index() == 0)
+    writer.write(saved.step, metrics)
     return metrics
 
 
@@ -340,14 +360,27 @@ def stop_if_diverged(loss_sum: jax.Array, step: int, ckpt: checkpoint.Checkpoint
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike
 ) -> dict[str, float]:
-    """Train (resuming from workdir's newest checkpoint) and return the final eval metrics."""
-    # Check everything, then restore (which refuses a checkpoint this run cannot resume),
-    # before anything is written.
-    pid = jax.process_index()
+    """Train (resuming from workdir's newest checkpoint) and return the final eval metrics.
+    The run holds its workdir (lifecycle.WorkdirLock) and stops cleanly on SIGTERM/SIGINT."""
     config = resolve_batch_size(config, jax.device_count())
     check_config(config, jax.device_count(), jax.process_count())
     workdir = cluster.workdir_path(workdir)  # gs://... stays a URL
     workdir.mkdir(parents=True, exist_ok=True)
+    lock = lifecycle.lock_workdir(workdir)
+    try:
+        with lifecycle.StopOnSignal() as stop:
+            return _train_and_evaluate(config, workdir, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: epath.Path, stop: lifecycle.StopOnSignal
+) -> dict:
+    # Check everything, then restore (which refuses a checkpoint this run cannot resume),
+    # before anything is written.
+    pid = jax.process_index()
     cluster.check_same_workdir(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
     source = create_source(config)
@@ -385,6 +418,11 @@ def train_and_evaluate(
         layer_table(trainer.model, state.params, i.image_size),
     )
     writer = MetricsWriter(workdir, active=pid == 0)
+    dropped = writer.drop_after(start)
+    if dropped:
+        logging.info(
+            "dropped %d metrics.jsonl lines past step %d: this run writes them", dropped, start
+        )
     plateau = config.optimizer.schedule == "plateau"
     run_eval = lambda state, step: evaluate_and_log(
         trainer, state, step, source, preprocess, writer, plateau
@@ -434,6 +472,18 @@ def train_and_evaluate(
             state, eval_metrics = run_eval(state, step)
         if saving:
             ckpt.save(step, state, config, data_meta, stats.mean_image)
+        if stop.should_stop(step) and step < total:
+            if not saving:
+                stop_if_diverged(sums["loss"], step, ckpt)
+                ckpt.save(step, state, config, data_meta, stats.mean_image)
+            ckpt.close()  # waits until the checkpoint is written
+            message = (
+                f"stopped at step {step} of {total} ({stop.received}); its checkpoint is "
+                "saved. Run the same command to resume."
+            )
+            logging.warning(message)
+            print(message, file=sys.stderr, flush=True)
+            return eval_metrics
     if start >= total:
         logging.info("workdir already holds the final step %d; evaluating it", total)
         state, eval_metrics = run_eval(state, total)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from alexnet_jax import load_checkpoint, sources
+from alexnet_jax import UsageError, load_checkpoint, sources
 
 
 def test_load_checkpoint_on_one_device(trained_on_4x2):
@@ -44,3 +44,12 @@ def test_predict_on_the_held_out_digits_gives_the_runs_eval(trained_on_4x2):
 def test_load_checkpoint_without_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoints"):
         load_checkpoint(str(tmp_path))
+
+
+def test_predict_refuses_float_images_and_a_missing_step_is_listed(trained_on_4x2):
+    _, workdir = trained_on_4x2
+    run = load_checkpoint(str(workdir))
+    with pytest.raises(UsageError, match=r"uint8 images \(0-255\), got float32.*\* 255"):
+        run.predict(np.full((1, 8, 8, 3), 0.5, np.float32))
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint at step 3 .* holds steps \[4\]"):
+        load_checkpoint(str(workdir), step=3)

@@ -44,6 +44,15 @@ def test_unknown_config_key_is_one_line(tmp_path):
     )
 
 
+def test_a_missing_config_file_is_one_line(tmp_path):
+    r = launch(tmp_path, config="configs/nope.py")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        f"launch.py: error: --config={REPO / 'configs/nope.py'}: no such file (the configs "
+        f"are in {REPO / 'configs'})"
+    )
+
+
 def test_imagenet_not_prepared_is_a_clear_error(tmp_path):
     r = launch(
         tmp_path / "w", f"--config.input.data_dir={tmp_path / 'tfds'}", config="configs/alexnet.py"
@@ -79,6 +88,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     # The resumed run saw exactly the batches and dropout masks of the uninterrupted one.
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
     assert metrics(broken)[-1] == metrics(whole)[-1]
+    # One line per logged step: the lines past the restored checkpoint were dropped.
+    assert [m["step"] for m in metrics(broken)] == [m["step"] for m in metrics(whole)]
 
 
 def test_notebook_restores_a_run(tmp_path):
@@ -135,7 +146,9 @@ def test_eval_mode_from_the_command_line(trained_on_4x2, tmp_path):
     r = launch(tmp_path / "run", "--mode=eval", "--step=4", *tiny_flags(), devices=8)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "eval_ten_crop step 4:" in r.stderr and "(360 images)" in r.stderr
-    assert {"eval/top1_error", "eval_ten_crop/top5_error"} <= set(metrics(tmp_path / "run")[-1])
+    assert {"eval/top1_error", "eval_ten_crop/top5_error"} <= set(
+        metrics(tmp_path / "run" / "eval_mode")[-1]
+    )
     r = launch(tmp_path / "run", "--mode=eval", "--step=2", *tiny_flags())
     assert r.returncode == 2 and "No checkpoint at step 2" in r.stderr
     assert "Traceback" not in r.stderr

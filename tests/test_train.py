@@ -160,6 +160,7 @@ def test_init_is_sharded_and_the_same_on_every_mesh(tiny):
         ({"optimizer.schedule": "cosine"}, "optimizer.schedule='cosine'"),
         ({"model.dtype": "float16"}, "model.dtype='float16' is unknown"),
         ({"num_train_steps": -1, "num_epochs": 0}, "Set num_train_steps > 0"),
+        ({"num_train_steps": 0}, r"num_train_steps=0: set a positive number of steps, or -1"),
         ({"eval_every_steps": 0}, "eval_every_steps=0 must be positive"),
     ],
 )
@@ -233,15 +234,21 @@ def test_eval_mode_scores_a_checkpoint_both_ways_and_changes_none(trained_on_4x2
 
     other = config.copy_and_resolve_references()
     other.model.width = 0.5  # ignored: the checkpoint's model is evaluated
-    m = train.evaluate_checkpoint(other, str(workdir))
+    from etils import epath
+
+    from alexnet_jax import lifecycle
+
+    with lifecycle.WorkdirLock(epath.Path(workdir)):  # as if a training run held it
+        m = train.evaluate_checkpoint(other, str(workdir))
     assert m["eval/count"] == m["eval_ten_crop/count"] == 360
     # The centre crop reproduces the training run's own evaluation of that checkpoint.
     assert trained_eval["step"] == 4
     assert m["eval/loss"] == pytest.approx(trained_eval["eval/loss"], rel=1e-5)
     assert m["eval/top1_error"] == trained_eval["eval/top1_error"]
     assert m["eval_ten_crop/loss"] != m["eval/loss"]  # the ten patches are another evaluation
-    last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last == {"step": 4, **m}
+    assert (workdir / "metrics.jsonl").read_text().splitlines()[-1] == json.dumps(trained_eval)
+    (line,) = (workdir / "eval_mode" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line) == {"step": 4, **m}
     assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
 
     with pytest.raises(UsageError, match=r"No checkpoint at step 3 .* holds steps \[4\]"):

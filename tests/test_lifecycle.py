@@ -1,0 +1,174 @@
+"""A run left alone: SIGTERM/SIGINT stop it with a checkpoint, one run per workdir, a save cut
+short by SIGKILL costs only that save."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, tiny_flags
+from test_launch import launch, metrics
+
+from alexnet_jax import UsageError, lifecycle, load_checkpoint
+
+
+def test_a_second_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
+    from etils import epath
+
+    first = lifecycle.WorkdirLock(epath.Path(tmp_path))
+    first.acquire()
+    holder = json.loads((tmp_path / "run.lock").read_text())
+    assert holder["pid"] == os.getpid()
+    with pytest.raises(UsageError, match=rf"in use by another training run \(pid {os.getpid()} on"):
+        lifecycle.WorkdirLock(epath.Path(tmp_path)).acquire()
+    assert json.loads((tmp_path / "run.lock").read_text()) == holder  # untouched
+    first.release()
+    with lifecycle.WorkdirLock(epath.Path(tmp_path)):  # free again once released
+        pass
+
+
+def test_a_workdir_without_os_locks_holds_a_lock_object_with_a_heartbeat(tmp_path, monkeypatch):
+    from etils import epath
+    from etils.epath import gpath
+    from test_cluster import _redirect
+
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # etils' own gs:// backend
+    lock_file = tmp_path / "bucket" / "run" / "run.lock"
+    lock_file.parent.mkdir(parents=True)
+    with epath.testing.mock_epath(**_redirect(tmp_path)):
+        workdir = epath.Path("gs://bucket/run")
+        with lifecycle.WorkdirLock(workdir):
+            held = json.loads(lock_file.read_text())
+            assert time.time() - held["heartbeat"] < 60 and held["pid"] == os.getpid()
+            with pytest.raises(UsageError, match="in use by another training run"):
+                lifecycle.WorkdirLock(workdir).acquire()
+        assert not lock_file.exists()  # released
+        stale = {**held, "heartbeat": time.time() - lifecycle.STALE_AFTER_S - 1}
+        lock_file.write_text(json.dumps(stale))
+        with lifecycle.WorkdirLock(workdir) as taken:  # a dead run's lock is taken over
+            assert json.loads(lock_file.read_text())["run"] == taken.holder["run"] != held["run"]
+
+
+def test_a_signal_asks_for_a_stop_and_the_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with lifecycle.StopOnSignal() as stop:
+        assert not stop.should_stop(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # Python runs the handler between bytecodes
+        assert stop.received == "SIGTERM" and stop.should_stop(2)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    script = textwrap.dedent(
+        """
+        import os, signal, time
+        from alexnet_jax import lifecycle
+        with lifecycle.StopOnSignal():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+        """
+    )
+    start = time.time()
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 130 and time.time() - start < 25
+    assert "SIGINT received" in r.stderr and "SIGINT again: exiting now" in r.stderr
+
+
+def _wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+        time.sleep(0.05)
+
+
+@pytest.mark.slow  # two launches
+def test_sigterm_saves_the_step_reached_and_the_run_resumes_from_it(tmp_path):
+    args = tiny_flags(
+        num_train_steps=400, checkpoint_every_steps=200, eval_every_steps=200, log_every_steps=5
+    )
+    proc = launch(tmp_path, *args, wait=False)
+    _wait_for(tmp_path / "metrics.jsonl", proc)  # training, past step 5
+    proc.send_signal(signal.SIGTERM)
+    start = time.time()
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    assert time.time() - start < 30
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 5 <= saved[0] < 200  # the step reached, not a periodic save
+    assert f"stopped at step {saved[0]} of 400 (SIGTERM)" in out and "Traceback" not in out
+
+    r = launch(tmp_path, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from the checkpoint at step {saved[0]}" in r.stderr
+    assert load_checkpoint(str(tmp_path)).step == 400
+
+
+@pytest.mark.slow  # two launches
+def test_a_second_run_stops_at_once_and_the_first_finishes(tmp_path):
+    args = tiny_flags(num_train_steps=150, checkpoint_every_steps=50, log_every_steps=5)
+    first = launch(tmp_path, *args, wait=False)
+    _wait_for(tmp_path / "metrics.jsonl", first)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    start = time.time()
+    second = launch(tmp_path, *args)
+    assert second.returncode == 2 and time.time() - start < 60
+    lines = second.stderr.strip().splitlines()
+    assert (
+        lines[-1].startswith("launch.py: error: ") and "in use by another training run" in lines[-1]
+    )
+    assert f"(pid {first.pid} on" in lines[-1] and "Traceback" not in second.stderr
+    assert set(before) <= {p.name for p in tmp_path.rglob("*")}  # nothing removed
+    out = first.communicate(timeout=600)[0].decode()
+    assert first.returncode == 0, out[-3000:]
+    assert load_checkpoint(str(tmp_path)).step == 150
+
+
+KILL_DURING_SAVE = """
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import atomicity
+
+def killing(finalize):
+    async def wrapped(self, *args, **kwargs):
+        if self.get().name.startswith("{step}."):  # files written, not yet committed
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await finalize(self, *args, **kwargs)
+    return wrapped
+
+for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+    cls.finalize = killing(cls.finalize)
+sys.argv = {argv}
+runpy.run_path({launch!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow  # three launches
+def test_a_run_killed_while_saving_restarts_from_the_newest_complete_checkpoint(tmp_path):
+    args = tiny_flags(num_train_steps=12, checkpoint_every_steps=4, log_every_steps=4)
+    broken, whole = tmp_path / "broken", tmp_path / "whole"
+    argv = ["launch.py", "--config=configs/digits.py", f"--workdir={broken}", *args]
+    script = KILL_DURING_SAVE.format(step=8, argv=argv, launch=str(REPO / "launch.py"))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    partial = [p.name for p in (broken / "checkpoints").iterdir() if "tmp" in p.name]
+    assert partial and partial[0].startswith("8.")  # killed inside the save of step 8
+    assert (broken / "checkpoints" / "4").is_dir() and not (broken / "checkpoints" / "8").exists()
+
+    r = launch(broken, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "removing incomplete checkpoints of a killed run" in r.stderr
+    assert "resumed from the checkpoint at step 4" in r.stderr
+    assert not [p for p in (broken / "checkpoints").iterdir() if "tmp" in p.name]
+    assert launch(whole, *args).returncode == 0
+    a, b = load_checkpoint(str(broken)), load_checkpoint(str(whole))
+    assert a.step == b.step == 12
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    assert [m["step"] for m in metrics(broken)] == [m["step"] for m in metrics(whole)]
