@@ -134,6 +134,17 @@ class Checkpointer:
                 "was changed."
             )
 
+    def evaluated(self, step: int) -> bool:
+        """Whether the state saved at `step` includes that step's evaluation (checkpoints
+        written before the loop saved ahead of evaluating did)."""
+        data = self._read(
+            step,
+            lambda: self.manager.restore(
+                step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
+            ),
+        )["data"]
+        return data.get("evaluated", True)
+
     def restore(self, abstract_state: Any) -> Any | None:
         """The newest state, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
         step = self.latest_step()
@@ -207,6 +218,10 @@ class Checkpointer:
         if mean_image is not None:
             items["mean_image"] = ocp.args.StandardSave({"mean_image": mean_image})
         self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def wait(self) -> None:
+        """Until the saves begun are on disk."""
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -261,7 +261,7 @@ def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
 
     ds = split.epoch(0, 0, 0).take(max_images).map(moments, AUTOTUNE)
     total, outer, count = np.zeros((resize_size, resize_size, 3)), np.zeros((3, 3)), 0
-    for s, o in ds.as_numpy_iterator():
+    for s, o in iterate(ds, split):  # an undecodable image is named, not a TF traceback
         total, outer, count = total + s, outer + o, count + 1
     mean_image = total / count
     mean = mean_image.reshape(-1, 3).mean(0) / 255.0

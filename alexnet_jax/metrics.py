@@ -72,13 +72,20 @@ class MetricsWriter:
             self.path = workdir / "metrics.jsonl"
             self.tb = tf.summary.create_file_writer(os.fspath(workdir / "tensorboard"))
 
-    def drop_after(self, step: int) -> int:
-        """Remove the lines of steps after `step` (a resumed run writes them again) and
-        return how many there were."""
+    def drop_after(self, step: int, evals_too: bool = False) -> int:
+        """Remove the lines of steps after `step`, and (evals_too) the eval lines of `step`,
+        which a resumed run writes again; return how many there were."""
         if not self.active or not self.path.exists():
             return 0
+
+        def keep(line: str) -> bool:
+            m = json.loads(line)
+            if evals_too and m.get("step") == step and "eval/loss" in m:
+                return False
+            return m.get("step", 0) <= step
+
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+        kept = [x for x in lines if x.strip() and keep(x)]
         if len(kept) < len(lines):
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(kept))

@@ -417,15 +417,21 @@ def _train_and_evaluate(
         config.model.variant,
         layer_table(trainer.model, state.params, i.image_size),
     )
+    eval_step = lambda step: step % config.eval_every_steps == 0 or step == total
+    # A checkpoint is written before its step's evaluation (which may fail, e.g. on a bad
+    # image), so a run resumed from one that was not evaluated evaluates it first: the plateau
+    # rule then sees what the uninterrupted run saw.
+    pending = start > 0 and eval_step(start) and not ckpt.evaluated(start)
     writer = MetricsWriter(workdir, active=pid == 0)
-    dropped = writer.drop_after(start)
+    dropped = writer.drop_after(start, evals_too=pending)
     if dropped:
-        logging.info(
-            "dropped %d metrics.jsonl lines past step %d: this run writes them", dropped, start
-        )
+        logging.info("dropped %d metrics.jsonl lines this run writes again", dropped)
     plateau = config.optimizer.schedule == "plateau"
     run_eval = lambda state, step: evaluate_and_log(
         trainer, state, step, source, preprocess, writer, plateau
+    )
+    save = lambda step, state, evaluated: ckpt.save(
+        step, state, config, {**data_meta, "evaluated": evaluated}, stats.mean_image
     )
 
     # Train: log, evaluate and save on their cadences.
@@ -444,48 +450,53 @@ def _train_and_evaluate(
     in_flight = InFlight(cluster.dispatch_depth(jax.default_backend()))
     sums, t_log, last_log, eval_metrics = trainer.zero_sums(), time.time(), start, {}
     waited = 0.0  # seconds the loop spent waiting for input since the last log line
-    for step in range(start + 1, total + 1):
-        t = time.perf_counter()
-        batch = next(batches)
-        waited += time.perf_counter() - t
-        state, sums = trainer.train_step(state, batch, sums, consts)  # sums since the last log
-        in_flight.add(sums)
-        saving = step % config.checkpoint_every_steps == 0 or step == total
-        logging_now = step % config.log_every_steps == 0 or step == total
-        if saving or logging_now:
-            stop_if_diverged(sums["loss"], step, ckpt)
-        if logging_now:
-            now = time.time()
-            ips = (step - last_log) * B / (now - t_log)
-            host = jax.device_get(sums)
-            sums = trainer.zero_sums()
-            line = {
-                **means(host, "train"),
-                "train/learning_rate": float(host["learning_rate"]),
-                "train/images_per_sec": ips,
-                "train/data_wait_fraction": waited / (now - t_log),
-            }
-            log_train(step, total, B, line)
-            writer.write(step, line)
-            t_log, last_log, waited = now, step, 0.0
-        if step % config.eval_every_steps == 0 or step == total:
-            state, eval_metrics = run_eval(state, step)
-        if saving:
-            ckpt.save(step, state, config, data_meta, stats.mean_image)
-        if stop.should_stop(step) and step < total:
-            if not saving:
+    try:
+        if pending or start >= total:
+            if start >= total:
+                logging.info("workdir already holds the final step %d; evaluating it", total)
+            else:
+                logging.info("evaluating step %d first: its checkpoint preceded that", start)
+            state, eval_metrics = run_eval(state, start)
+        for step in range(start + 1, total + 1):
+            t = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - t
+            state, sums = trainer.train_step(state, batch, sums, consts)  # sums since the last log
+            in_flight.add(sums)
+            saving = step % config.checkpoint_every_steps == 0 or step == total
+            logging_now = step % config.log_every_steps == 0 or step == total
+            if saving or logging_now:
                 stop_if_diverged(sums["loss"], step, ckpt)
-                ckpt.save(step, state, config, data_meta, stats.mean_image)
-            ckpt.close()  # waits until the checkpoint is written
-            message = (
-                f"stopped at step {step} of {total} ({stop.received}); its checkpoint is "
-                "saved. Run the same command to resume."
-            )
-            logging.warning(message)
-            print(message, file=sys.stderr, flush=True)
-            return eval_metrics
-    if start >= total:
-        logging.info("workdir already holds the final step %d; evaluating it", total)
-        state, eval_metrics = run_eval(state, total)
-    ckpt.close()
+            if logging_now:
+                now = time.time()
+                ips = (step - last_log) * B / (now - t_log)
+                host = jax.device_get(sums)
+                sums = trainer.zero_sums()
+                line = {
+                    **means(host, "train"),
+                    "train/learning_rate": float(host["learning_rate"]),
+                    "train/images_per_sec": ips,
+                    "train/data_wait_fraction": waited / (now - t_log),
+                }
+                log_train(step, total, B, line)
+                writer.write(step, line)
+                t_log, last_log, waited = now, step, 0.0
+            if saving:
+                save(step, state, evaluated=False)
+            if eval_step(step):
+                state, eval_metrics = run_eval(state, step)
+            if stop.should_stop(step) and step < total:
+                if not saving:
+                    stop_if_diverged(sums["loss"], step, ckpt)
+                    save(step, state, evaluated=eval_step(step))
+                ckpt.wait()
+                message = (
+                    f"stopped at step {step} of {total} ({stop.received}); its checkpoint is "
+                    "saved. Run the same command to resume."
+                )
+                logging.warning(message)
+                print(message, file=sys.stderr, flush=True)
+                return eval_metrics
+    finally:
+        ckpt.close()  # waits until the saves begun are written, whatever stopped the loop
     return eval_metrics

@@ -210,6 +210,8 @@ def test_a_corrupt_image_is_named(tmp_path):
     source = sources.create_source(cfg)
     with pytest.raises(UsageError, match="broken.jpg"):
         _stream(source, _pre(), 0, 4, batch=4)
+    with pytest.raises(UsageError, match=r"could not be decoded: .*train/cat/broken\.jpg"):
+        ip.get_stats(source, 72, 100, None)  # the statistics pass, before any training
 
 
 def test_every_epoch_of_the_stream_has_its_own_order():

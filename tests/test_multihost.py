@@ -109,3 +109,47 @@ def test_a_multihost_flag_alone_is_refused(tmp_path):
     )
     assert r.returncode != 0
     assert "--num_processes given without --coordinator_address, --process_id" in r.stderr
+
+
+@pytest.mark.slow  # two processes, a few hundred steps at most
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """A signal reaching process 1 only: both processes save the same step and exit 0."""
+    import signal
+    import time
+
+    args = tiny_flags(
+        num_train_steps=400,
+        log_every_steps=5,
+        eval_every_steps=200,
+        checkpoint_every_steps=200,
+        **{"mesh.model": 2},
+    )
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [
+                *_cmd(tmp_path)[: -len(ARGS)],
+                *args,
+                f"--coordinator_address={addr}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    deadline = time.time() + 300
+    while not (tmp_path / "metrics.jsonl").exists():  # both are training
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] % 10 == 0 and 0 < saved[0] < 200, saved
+    step = saved[0]
+    assert f"stopped at step {step} of 400 (SIGTERM)" in outs[1]
+    assert f"stopped at step {step} of 400 (a signal to process 1)" in outs[0]

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -281,3 +282,44 @@ def test_the_loop_compiles_its_step_once_and_logs_its_input_wait(tiny, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     waits = [x["train/data_wait_fraction"] for x in lines if "train/loss" in x]
     assert len(waits) == 2 and all(0.0 <= w <= 1.0 for w in waits)
+
+
+def test_a_bad_validation_image_costs_no_checkpoint_and_the_resume_is_exact(tiny, tmp_path):
+    """The checkpoint of step 4 is written before step 4's evaluation, which fails on a
+    truncated image; once the image is fixed, the resumed run evaluates step 4 first and ends
+    with the state (parameters and plateau rule) of a run that never failed."""
+    from conftest import write_folder
+
+    from alexnet_jax import checkpoint
+
+    data = tmp_path / "data"
+    write_folder(data, per_class=8)
+    bad = data / "validation" / "dog" / "1.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])  # truncated
+    config = tiny(
+        **{
+            "input.dataset": "imagefolder",
+            "input.data_dir": str(data),
+            "model.num_classes": 2,
+            "optimizer.schedule": "plateau",
+        }
+    )
+    broken, whole = tmp_path / "broken", tmp_path / "whole"
+    with pytest.raises(UsageError, match=r"could not be decoded: .*validation/dog/1\.png"):
+        train.train_and_evaluate(config, str(broken))
+    assert (broken / "checkpoints" / "4").is_dir()  # saved before the evaluation failed
+    assert not checkpoint.Checkpointer(str(broken)).evaluated(4)
+
+    bad.write_bytes(good)
+    train.train_and_evaluate(config, str(broken))
+    train.train_and_evaluate(config, str(whole))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    a, b = (checkpoint.Checkpointer(str(w), read_only=True).read(8, one) for w in (broken, whole))
+    assert a.data["evaluated"] is False  # the final save also precedes its evaluation
+    plateau = jax.tree.leaves(b.state["plateau"])
+    assert any(np.any(np.asarray(x) != 0) for x in plateau)  # the evaluations reached it
+    jax.tree.map(np.testing.assert_array_equal, a.state, b.state)
+    lines = lambda w: [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda m: {k: v for k, v in m.items() if "per_sec" not in k and "wait" not in k}
+    assert [strip(m) for m in lines(broken)] == [strip(m) for m in lines(whole)]
