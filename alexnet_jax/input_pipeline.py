@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from etils import epath
 
 from alexnet_jax.errors import UsageError
@@ -433,3 +434,48 @@ def find_undecodable(split: Split, limit: int = 200_000) -> str | None:
         except tf.errors.InvalidArgumentError:
             return split.describe(i, key)
     return None
+
+
+def undecodable(split: Split) -> list[int]:
+    """The keys of every example of a random-access `split` that fails to decode: a parallel
+    decoding pass that drops the failures, then the difference."""
+    decodes = lambda key: (key, tf.shape(split.decode(key)[0]))
+    ds = split.epoch(0, 0, 0).map(decodes, num_parallel_calls=AUTOTUNE)
+    good = {int(k) for k, _ in ds.ignore_errors().as_numpy_iterator()}
+    return sorted(set(range(split.size)) - good)
+
+
+def skip_undecodable(source: Source, workdir: epath.PathLike | None, write: bool = True) -> Source:
+    """`source` without the images that do not decode (input.skip_corrupt), found by one
+    decoding pass over both splits before training, cached in workdir/undecodable.json."""
+    if not (source.train.random_access and source.eval.random_access):
+        raise UsageError(
+            f"input.skip_corrupt needs random access to the data; {source.name} is stored as "
+            "TFRecord. Prepare it as array_record (python -m alexnet_jax.prepare_imagenet)."
+        )
+    path = epath.Path(workdir) / "undecodable.json" if workdir else None
+    cached = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    if cached.get("key") != source.fingerprint:
+        logging.info("input.skip_corrupt: decoding every image once to find the bad ones")
+        cached = {"key": source.fingerprint}
+        for name, split in (("train", source.train), ("eval", source.eval)):
+            bad = undecodable(split)
+            cached[name] = bad
+            cached[f"{name}_names"] = [split.describe(0, tf.constant(k, tf.int64)) for k in bad]
+        if path is not None and write:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cached, indent=1))
+            tmp.replace(path)
+    for name in ("train", "eval"):
+        if cached[name]:
+            logging.warning(
+                "input.skip_corrupt: leaving out %d undecodable %s images: %s",
+                len(cached[name]),
+                name,
+                ", ".join(cached[f"{name}_names"][:10]),
+            )
+    return dataclasses.replace(
+        source,
+        train=source.train.without(cached["train"]),
+        eval=source.eval.without(cached["eval"]),
+    )

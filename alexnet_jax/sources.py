@@ -50,6 +50,16 @@ class Split:
     random_access: bool = True  # False: every process reads every record (TFRecord)
     jpeg: Callable[[Any], tuple[tf.Tensor, tf.Tensor]] | None = None  # record -> (JPEG, label)
 
+    def without(self, bad: list[int]) -> Split:
+        """This split without the examples of keys `bad` (random-access splits): every epoch
+        keeps its order among the rest, so a resumed run still sees what it would have."""
+        if not bad:
+            return self
+        bad_keys = tf.constant(sorted(bad), tf.int64)
+        keep = lambda key: tf.reduce_all(key != bad_keys)
+        epoch = lambda e, seed, start: self.epoch(e, seed, 0).filter(keep).skip(start)
+        return dataclasses.replace(self, size=self.size - len(bad), epoch=epoch)
+
     def decode(self, key: Any) -> tuple[tf.Tensor, tf.Tensor]:
         """Read and decode one example."""
         records = self.fetch(tf.nest.map_structure(lambda k: tf.expand_dims(k, 0), key))

@@ -256,9 +256,14 @@ def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
     return config.num_epochs * train_size // config.batch_size
 
 
-def create_source(config: ml_collections.ConfigDict) -> sources.Source:
-    """The config's data, refused when its classes do not match the model's."""
+def create_source(
+    config: ml_collections.ConfigDict, workdir: epath.Path | None = None, write: bool = True
+) -> sources.Source:
+    """The config's data, refused when its classes do not match the model's; without its
+    undecodable images under input.skip_corrupt (the list cached in workdir)."""
     source = sources.create_source(config.input, jax.process_count())
+    if config.input.get("skip_corrupt"):
+        source = input_pipeline.skip_undecodable(source, workdir, write and _is_first())
     if source.num_classes != config.model.num_classes:
         raise UsageError(
             f"input.dataset={config.input.dataset!r} has {source.num_classes} classes but "
@@ -266,6 +271,10 @@ def create_source(config: ml_collections.ConfigDict) -> sources.Source:
             f"{source.num_classes}."
         )
     return source
+
+
+def _is_first() -> bool:
+    return jax.process_index() == 0
 
 
 def evaluate_and_log(
@@ -320,7 +329,7 @@ def evaluate_checkpoint(
     config.model = saved.config.model  # what was trained, whatever --config says
     check_config(config, jax.device_count(), jax.process_count())
     cluster.check_same_workdir(workdir)
-    source = create_source(config)
+    source = create_source(config, workdir, write=False)
     trainer = Trainer(config, mesh)
     params = jax.device_put(saved.state["params"], trainer.shardings.params)
     state = trainer.abstract_state.replace(params=params)  # evaluation reads only the params
@@ -383,7 +392,7 @@ def _train_and_evaluate(
     pid = jax.process_index()
     cluster.check_same_workdir(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
-    source = create_source(config)
+    source = create_source(config, workdir)
     trainer = Trainer(config, mesh)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     state = ckpt.restore(trainer.abstract_state)

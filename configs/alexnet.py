@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     # inside the jitted step; False: all of it on the host, float32 batches.
     config.input.normalize_on_device = True
     config.input.eval_ten_crop = False  # True: the paper's ten patches, softmax averaged
+    # False: an image that does not decode stops the run, naming it. True: one decoding pass
+    # at start finds every such image (listed in workdir/undecodable.json) and leaves it out.
+    config.input.skip_corrupt = False
     config.input.shuffle_buffer = 16_384  # TFDS sources: examples in the shuffle buffer
     config.input.stats_max_images = 10_000  # images used for mean/PCA of non-ImageNet data
 

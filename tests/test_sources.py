@@ -132,3 +132,12 @@ def test_imagenet_path_on_tfds_mock_data(storage, monkeypatch):
     assert sum(b["weights"].sum() for b in evals) == 12
     if storage == "array_record":  # read a global batch per Python call, not an example
         assert batched_reads and set(batched_reads) == {8}
+
+
+def test_a_split_without_some_keys_keeps_each_epochs_order_of_the_rest():
+    split = sources.digits_source().train
+    kept = split.without([3, 100, 7])
+    assert kept.size == split.size - 3
+    e1 = _keys(kept, 1)
+    assert e1 == [k for k in _keys(split, 1) if k not in (3, 100, 7)]
+    assert _keys(kept, 1, start=50) == e1[50:]  # a resumed run sees the rest in order

@@ -323,3 +323,27 @@ def test_a_bad_validation_image_costs_no_checkpoint_and_the_resume_is_exact(tiny
     lines = lambda w: [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
     strip = lambda m: {k: v for k, v in m.items() if "per_sec" not in k and "wait" not in k}
     assert [strip(m) for m in lines(broken)] == [strip(m) for m in lines(whole)]
+
+
+def test_skip_corrupt_leaves_out_the_images_that_do_not_decode(tiny, tmp_path):
+    from conftest import write_folder
+
+    data = tmp_path / "data"
+    write_folder(data, per_class=8)
+    for split in ("train", "validation"):
+        (data / split / "cat" / "2.png").write_bytes(b"")  # empty
+    config = tiny(
+        **{
+            "input.dataset": "imagefolder",
+            "input.data_dir": str(data),
+            "input.skip_corrupt": True,
+            "model.num_classes": 2,
+        }
+    )
+    metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert metrics["eval/count"] == 15  # 16 validation images, one left out
+    found = json.loads((tmp_path / "run" / "undecodable.json").read_text())
+    assert [len(found["train"]), len(found["eval"])] == [1, 1]
+    assert found["train_names"][0].endswith("train/cat/2.png")
+    assert found["eval_names"][0].endswith("validation/cat/2.png")
+    assert (tmp_path / "run" / "checkpoints" / "8").is_dir()
