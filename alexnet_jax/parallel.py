@@ -44,6 +44,11 @@ def check_mesh(
     process_count: int = 1,
 ) -> None:
     """Raise a UsageError naming the problem and the fix; called before anything compiles."""
+    if model != 1 and towers == 1:
+        raise UsageError(
+            f"mesh.model={model} is not possible with model.towers=1: one tower cannot be split "
+            "over devices. Use --config.mesh.model=1."
+        )
     if model not in (1, towers):
         raise UsageError(
             f"mesh.model={model} is not possible with model.towers={towers}: use 1 (each device "

@@ -162,6 +162,7 @@ def test_init_is_sharded_and_the_same_on_every_mesh(tiny):
         ({"model.dtype": "float16"}, "model.dtype='float16' is unknown"),
         ({"num_train_steps": -1, "num_epochs": 0}, "Set num_train_steps > 0"),
         ({"num_train_steps": 0}, r"num_train_steps=0: set a positive number of steps, or -1"),
+        ({"model.towers": 1, "mesh.model": 2}, "one tower cannot be split over devices"),
         ({"eval_every_steps": 0}, "eval_every_steps=0 must be positive"),
     ],
 )

@@ -1,0 +1,201 @@
+"""Images/s, FLOP/s, MFU, compile time and memory of the real train step, on any backend.
+
+    python benchmarks/train_step.py --config=configs/alexnet.py --config.batch_size=64 \
+        --config.mesh.data=1 [--devices=8] [--steps=10] [--peak_flops=...] [--json]
+
+Compiles the step launch.py runs (train.Trainer, fed uint8 crops that it normalises on the
+device, as configs/alexnet.py trains) for the config's mesh and dtype, and times it on
+synthetic batches: each timed step is waited for, after --warmup untimed ones. FLOPs come two
+ways: XLA's cost analysis of the compiled program (per device, times the devices) and the
+analytic count, 3 x 2 x the forward multiply-adds of the convolutions and dense layers (the
+backward pass costs about twice the forward). MFU divides the analytic FLOP/s by the peak:
+--peak_flops, else a large matmul timed here (best of 5) in the model's dtype. On the CPU the
+simulated devices share the same cores, so the peak is the machine's, measured once; on GPUs
+and TPUs it is one device's times the devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/ importable
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
+_DEVICES = flags.DEFINE_integer("devices", None, "Simulated CPU devices (default: the mesh's).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+_PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s of all devices (default: measure).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+flags.mark_flags_as_required(["config"])
+
+
+def forward_macs(model, params, image_size: int) -> int:
+    """Multiply-adds of one image's forward pass through the convolutions and dense layers."""
+    sizes = dict(model.feature_shapes(image_size))
+    total = 0
+    for name, layer in params.items():
+        kernel = int(np.prod(layer["kernel"].shape))  # conv: (kh, kw, in per group, out)
+        total += kernel * (sizes[name][0] * sizes[name][1] if name in sizes else 1)
+    return total
+
+
+def matmul_peak(dtype: str, n: int = 4096) -> float:
+    """FLOP/s of an n x n matmul on the first device, best of 5."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def synthetic_batch(config, mesh, trainer):
+    """A global batch as the input pipeline ships it, and the constants that normalise it."""
+    from alexnet_jax import input_pipeline as ip
+    from alexnet_jax import parallel
+
+    i, b = config.input, config.batch_size
+    rng = np.random.default_rng(0)
+    room = i.resize_size - i.image_size + 1
+    local = {
+        "images": rng.integers(0, 256, (b, i.image_size, i.image_size, 3)).astype(np.uint8),
+        "crops": np.stack(
+            [rng.integers(0, room, b), rng.integers(0, room, b), np.arange(b) % 2], 1
+        ).astype(np.int32),
+        "shifts": rng.normal(0, 5, (b, 3)).astype(np.float32),
+        "labels": rng.integers(0, config.model.num_classes, b).astype(np.int32),
+    }
+    mean_image = np.full((i.resize_size, i.resize_size, 3), 120.0, np.float32)
+    stats = dataclasses.replace(ip.IMAGENET_STATS, mean_image=mean_image)
+    preprocess = ip.Preprocess(
+        stats,
+        i.image_size,
+        i.resize_size,
+        divide_by_std=i.divide_by_std,
+        mean=i.mean,
+        on_device=True,
+    )
+    rows = parallel.process_rows(mesh, b)
+    local = {k: v[rows] for k, v in local.items()}
+    return parallel.global_batch(mesh, local, b), trainer.input_constants(preprocess)
+
+
+def measure(config) -> dict:
+    import jax
+
+    from alexnet_jax import parallel, report, train
+
+    config = train.resolve_batch_size(config, jax.device_count())
+    train.check_config(config, jax.device_count(), jax.process_count())
+    mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
+    trainer = train.Trainer(config, mesh)
+    state = trainer.init_state(config.seed)
+    batch, consts = synthetic_batch(config, mesh, trainer)
+    sums = trainer.zero_sums()
+
+    start = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch, sums, consts).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    devices = mesh.devices.size
+
+    times = []
+    for k in range(_WARMUP.value + _STEPS.value):
+        start = time.perf_counter()
+        state, out = compiled(state, batch, sums, consts)
+        jax.block_until_ready(out)
+        if k >= _WARMUP.value:
+            times.append(time.perf_counter() - start)
+    b = config.batch_size
+    rates = b / np.array(times)
+    median_s = float(np.median(times))
+    analytic = 6 * forward_macs(trainer.model, state.params, config.input.image_size) * b
+    xla = float(cost.get("flops", 0.0)) * devices
+    backend = jax.default_backend()
+    if _PEAK.value:
+        peak, peak_from = _PEAK.value, "--peak_flops"
+    else:
+        one = matmul_peak(config.model.dtype)
+        peak = one if backend == "cpu" else one * devices
+        peak_from = "4096x4096 matmul" + ("" if backend == "cpu" else f" x {devices} devices")
+    mem = report.peak_bytes(compiled)
+    return {
+        "backend": backend,
+        "device_kind": jax.devices()[0].device_kind,
+        "mesh": dict(mesh.shape),
+        "variant": config.model.variant,
+        "dtype": config.model.dtype,
+        "batch_size": b,
+        "images_per_sec": float(np.median(rates)),
+        "images_per_sec_min": float(rates.min()),
+        "images_per_sec_max": float(rates.max()),
+        "step_seconds": median_s,
+        "flops_per_step_xla": xla,
+        "flops_per_step_analytic": float(analytic),
+        "flops_per_sec_xla": xla / median_s,
+        "flops_per_sec_analytic": analytic / median_s,
+        "peak_flops_per_sec": peak,
+        "peak_from": peak_from,
+        "mfu": analytic / median_s / peak,
+        "compile_seconds": compile_s,
+        "memory_bytes_per_device": mem,
+    }
+
+
+def table(r: dict) -> str:
+    g = lambda x: f"{x / 1e9:,.1f} G"
+    rows = [
+        f"train step: {r['variant']} model, {r['dtype']}, global batch {r['batch_size']}, "
+        f"mesh {r['mesh']}, {r['backend']} ({r['device_kind']})",
+        f"images/s            {r['images_per_sec']:,.1f} (median; min "
+        f"{r['images_per_sec_min']:,.1f}, max {r['images_per_sec_max']:,.1f})",
+        f"FLOP per step       {g(r['flops_per_step_analytic'])} analytic, "
+        f"{g(r['flops_per_step_xla'])} XLA cost analysis",
+        f"FLOP/s              {g(r['flops_per_sec_analytic'])} analytic, "
+        f"{g(r['flops_per_sec_xla'])} XLA",
+        f"peak FLOP/s         {g(r['peak_flops_per_sec'])} ({r['peak_from']})",
+        f"MFU                 {100 * r['mfu']:.1f}% (analytic FLOP/s over the peak)",
+        f"compile             {r['compile_seconds']:.1f} s",
+        "memory per device   "
+        + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in r["memory_bytes_per_device"].items()),
+    ]
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    import jax
+
+    # Only the CPU backend reads this: on GPU/TPU the real devices are used.
+    wanted = _DEVICES.value or max(config.mesh.data, 1) * config.mesh.model
+    jax.config.update("jax_num_cpu_devices", wanted)
+    from alexnet_jax import UsageError
+
+    try:
+        result = measure(config)
+    except UsageError as e:
+        print(f"train_step.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result) if _JSON.value else table(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app.run(main)
