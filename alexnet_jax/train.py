@@ -89,6 +89,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
         config.num_train_steps > 0 or config.num_epochs > 0,
         "Set num_train_steps > 0, or num_train_steps=-1 and num_epochs > 0.",
     )
+    profile_window(config)
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         need(config[key] > 0, f"{key}={config[key]} must be positive.")
     parallel.check_mesh(
@@ -99,6 +100,23 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
         num_devices,
         process_count,
     )
+
+
+def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """config.profile_steps "N,M" as (N, M): the trace covers steps N to M-1."""
+    text = str(config.get("profile_steps") or "").strip()
+    if not text:
+        return None
+    try:
+        first, end = (int(x) for x in text.split(","))
+    except ValueError:
+        first, end = 0, 0
+    if not 0 < first < end:
+        raise UsageError(
+            f"profile_steps={text!r}: give 'N,M' with 0 < N < M, e.g. --config.profile_steps=10,15 "
+            "traces steps 10 to 14."
+        )
+    return first, end
 
 
 def resolve_batch_size(
@@ -459,6 +477,7 @@ def _train_and_evaluate(
     in_flight = InFlight(cluster.dispatch_depth(jax.default_backend()))
     sums, t_log, last_log, eval_metrics = trainer.zero_sums(), time.time(), start, {}
     waited = 0.0  # seconds the loop spent waiting for input since the last log line
+    window, tracing = profile_window(config), False
     try:
         if pending or start >= total:
             if start >= total:
@@ -467,11 +486,19 @@ def _train_and_evaluate(
                 logging.info("evaluating step %d first: its checkpoint preceded that", start)
             state, eval_metrics = run_eval(state, start)
         for step in range(start + 1, total + 1):
+            if window and step == window[0]:
+                jax.profiler.start_trace(os.fspath(workdir / "profile"))
+                tracing = True
             t = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - t
             state, sums = trainer.train_step(state, batch, sums, consts)  # sums since the last log
             in_flight.add(sums)
+            if tracing and step == window[1] - 1:
+                jax.block_until_ready(sums)  # the trace holds the steps' device work
+                jax.profiler.stop_trace()
+                tracing = False
+                logging.info("profile of steps %d-%d in %s", window[0], step, workdir / "profile")
             saving = step % config.checkpoint_every_steps == 0 or step == total
             logging_now = step % config.log_every_steps == 0 or step == total
             if saving or logging_now:
@@ -507,5 +534,7 @@ def _train_and_evaluate(
                 print(message, file=sys.stderr, flush=True)
                 return eval_metrics
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         ckpt.close()  # waits until the saves begun are written, whatever stopped the loop
     return eval_metrics

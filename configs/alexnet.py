@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 10_000  # about one epoch at batch 128 (1,281,167 images)
     config.checkpoint_every_steps = 5_000
     config.keep_checkpoints = 3  # newest checkpoints kept in workdir/checkpoints
+    # "N,M": a jax.profiler trace of steps N to M-1 in workdir/profile (TensorBoard's profile
+    # tab or Perfetto); "": none.
+    config.profile_steps = ""
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # data-parallel axis; -1: the devices left after `model`

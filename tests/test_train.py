@@ -163,6 +163,8 @@ def test_init_is_sharded_and_the_same_on_every_mesh(tiny):
         ({"num_train_steps": -1, "num_epochs": 0}, "Set num_train_steps > 0"),
         ({"num_train_steps": 0}, r"num_train_steps=0: set a positive number of steps, or -1"),
         ({"model.towers": 1, "mesh.model": 2}, "one tower cannot be split over devices"),
+        ({"profile_steps": "5"}, r"profile_steps='5': give 'N,M' with 0 < N < M"),
+        ({"profile_steps": "4,2"}, r"profile_steps='4,2': give 'N,M'"),
         ({"eval_every_steps": 0}, "eval_every_steps=0 must be positive"),
     ],
 )
@@ -348,3 +350,29 @@ def test_skip_corrupt_leaves_out_the_images_that_do_not_decode(tiny, tmp_path):
     assert found["train_names"][0].endswith("train/cat/2.png")
     assert found["eval_names"][0].endswith("validation/cat/2.png")
     assert (tmp_path / "run" / "checkpoints" / "8").is_dir()
+
+
+def test_profile_steps_leaves_a_trace_in_the_workdir(tiny, tmp_path):
+    train.train_and_evaluate(tiny(num_train_steps=4, profile_steps="2,4"), str(tmp_path))
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 10_000
+
+
+def test_bfloat16_compute_follows_float32_over_the_first_steps(tiny):
+    """model.dtype=bfloat16 on the real step: parameters stay float32, and the losses of the
+    first steps stay within 2% of float32's (bfloat16 keeps 8 bits of mantissa)."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny(**{"model.dtype": dtype, "mesh.data": 2, "mesh.model": 2})
+        trainer, mesh = _trainer(config)
+        batch = parallel.global_batch(mesh, _fixed_batch(config), config.batch_size)
+        state = trainer.init_state(0)
+        assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+        losses[dtype] = []
+        for _ in range(4):
+            state, sums = trainer.train_step(state, batch)
+            losses[dtype].append(float(sums["loss"] / sums["count"]))
+    f32, bf16 = np.array(losses["float32"]), np.array(losses["bfloat16"])
+    assert f32[-1] < f32[0]  # the steps move: the comparison can fail
+    assert not np.array_equal(f32, bf16)  # bfloat16 did compute in lower precision
+    np.testing.assert_allclose(bf16, f32, rtol=0.02)
