@@ -89,6 +89,30 @@ def _dotted_keys(config, prefix: str = "") -> list[str]:
     return keys
 
 
+def _load_config(path: str):
+    """get_config() of a --config file, before absl parses the flags."""
+    spec = importlib.util.spec_from_file_location("_launch_config", path.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def add_config_help(argv: list[str]) -> None:
+    """With --help and --config=FILE, absl's help (this module's docstring) also lists every
+    config field with its value and its comment in FILE (or in the config FILE builds on)."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None or not os.path.isfile(path.split(":")[0]):
+        return
+    from alexnet_jax import config_doc
+
+    fields = config_doc.describe(_load_config(path), Path(path.split(":")[0]))
+    sys.modules[
+        "__main__"
+    ].__doc__ = (
+        f"{__doc__}\nConfig fields of {path} (override any with --config.KEY=VALUE):\n{fields}\n"
+    )
+
+
 def check_overrides(argv: list[str]) -> str | None:
     """One line naming an unknown --config.KEY and its nearest existing key, else None."""
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
@@ -96,10 +120,7 @@ def check_overrides(argv: list[str]) -> str | None:
         return None  # absl reports the missing --config itself
     if not os.path.isfile(path.split(":")[0]):
         return f"--config={path}: no such file (the configs are in {HERE / 'configs'})"
-    spec = importlib.util.spec_from_file_location("_launch_config", path.split(":")[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    known = _dotted_keys(module.get_config())
+    known = _dotted_keys(_load_config(path))
     for arg in argv:
         if arg.startswith("--config."):
             key = arg[len("--config.") :].split("=", 1)[0]
@@ -149,6 +170,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if {"--help", "-h", "-?", "--helpfull", "--helpshort"} & set(sys.argv[1:]):
+        add_config_help(sys.argv[1:])
     problem = check_overrides(sys.argv[1:])
     if problem:
         print(f"launch.py: error: {problem}", file=sys.stderr)
