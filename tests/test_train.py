@@ -287,6 +287,7 @@ def test_the_loop_compiles_its_step_once_and_logs_its_input_wait(tiny, tmp_path)
     assert len(waits) == 2 and all(0.0 <= w <= 1.0 for w in waits)
 
 
+@pytest.mark.slow  # three short runs
 def test_a_bad_validation_image_costs_no_checkpoint_and_the_resume_is_exact(tiny, tmp_path):
     """The checkpoint of step 4 is written before step 4's evaluation, which fails on a
     truncated image; once the image is fixed, the resumed run evaluates step 4 first and ends
