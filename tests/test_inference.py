@@ -111,3 +111,22 @@ def test_the_predict_command(trained_on_4x2, tmp_path):
     assert len(lines) == 2 and len(lines[0]["top"]) == 5 and "error" in lines[1]
     r = subprocess.run([*cmd[:-1], str(paths[1])], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith(f"{paths[1]}:\n")
+
+
+def test_the_kernel_grid_puts_each_tower_in_its_own_block():
+    from alexnet_jax.figures import kernel_grid
+
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(11, 11, 3, 8)).astype(np.float32)
+    kernel[..., 4:] = np.abs(kernel[..., 4:])  # tower 2's kernels differ from tower 1's
+    kernel[:, :, 1:, 4:] = 0.0  # and are red only
+    grid = kernel_grid({"conv1": {"kernel": kernel}}, towers=2, scale=2)
+    assert grid.dtype == np.uint8 and grid.shape[2] == 3
+    top, bottom = grid[: grid.shape[0] // 2], grid[grid.shape[0] // 2 :]
+    # Tower 1's block holds colour in every channel; tower 2's only red, its G and B at 0
+    # wherever a kernel is drawn (white ground elsewhere).
+    drawn = bottom[..., 0] < 255
+    assert drawn.any() and np.all(bottom[..., 1][drawn] == 0)
+    assert (top[..., 1] < 255).any() and (top[..., 1] > 0).any()
+    # Each kernel is stretched to the full range on its own.
+    assert grid.min() == 0 and grid[grid < 255].max() > 200

@@ -112,6 +112,26 @@ def test_notebook_restores_a_run(tmp_path):
     assert "held-out top-1 accuracy:" in text and "(360 digits)" in text
 
 
+def test_the_kernels_notebook_draws_both_towers(trained_on_4x2, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+    from PIL import Image
+
+    _, workdir = trained_on_4x2
+    nb = nbformat.read(REPO / "notebooks/first_layer_kernels.ipynb", as_version=4)
+    os.environ["ALEXNET_WORKDIR"], os.environ["ALEXNET_FIGURES"] = str(workdir), str(tmp_path)
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        ).execute()
+    finally:
+        del os.environ["ALEXNET_WORKDIR"], os.environ["ALEXNET_FIGURES"]
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "2 tower(s)" in text and "tower 1: colour score" in text and "tower 2:" in text
+    figure = np.asarray(Image.open(tmp_path / "first_layer_kernels.png"))
+    assert figure.ndim == 3 and figure.shape[2] == 3 and figure.min() < figure.max()
+
+
 @pytest.mark.slow
 def test_the_demo_reaches_the_accuracy_bar(tmp_path):
     """The README's demo command, unchanged: held-out top-1 error at most 5%."""
