@@ -255,8 +255,8 @@ def step_rate() -> float:
     """Images/s of the real Trainer step for the paper model on this machine's devices, fed
     uint8 crops that it normalises with a mean image, as configs/alexnet.py trains."""
     import jax
+    from train_step import synthetic_batch  # the sibling benchmark's batch
 
-    from alexnet_jax import input_pipeline as ip
     from alexnet_jax import parallel, train
     from configs import alexnet
 
@@ -266,25 +266,14 @@ def step_rate() -> float:
     mesh = parallel.create_mesh(1, 1)
     trainer = train.Trainer(config, mesh)
     state = trainer.init_state(0)
-    rng = np.random.default_rng(0)
-    b = config.batch_size
-    local = {
-        "images": rng.integers(0, 256, (b, 227, 227, 3)).astype(np.uint8),
-        "crops": np.stack([rng.integers(0, 30, b), rng.integers(0, 30, b), np.arange(b) % 2], 1),
-        "shifts": rng.normal(size=(b, 3)).astype(np.float32),
-        "labels": rng.integers(0, 1000, b).astype(np.int32),
-    }
-    stats = dataclasses.replace(ip.IMAGENET_STATS, mean_image=np.full((256, 256, 3), 120.0))
-    preprocess = ip.Preprocess(stats, 227, 256, mean="image", on_device=True)
-    consts = trainer.input_constants(preprocess)
-    batch = parallel.global_batch(mesh, {**local, "crops": local["crops"].astype(np.int32)}, b)
+    batch, consts = synthetic_batch(config, mesh, trainer)
     state, m = trainer.train_step(state, batch, None, consts)  # compile
     jax.block_until_ready(m)
     start, steps = time.perf_counter(), 3
     for _ in range(steps):
         state, m = trainer.train_step(state, batch, None, consts)
     jax.block_until_ready(m)
-    return steps * b / (time.perf_counter() - start)
+    return steps * config.batch_size / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":
