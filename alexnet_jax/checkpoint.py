@@ -36,15 +36,19 @@ def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {"/".join(_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> list[str]:
+def describe_mismatch(
+    saved: dict[str, tuple],
+    wanted: dict[str, tuple],
+    sides: tuple[str, str] = ("checkpoint", "this run"),
+) -> list[str]:
     """Lines naming every array whose shape differs, or that only one side has."""
     lines = []
     for name in sorted(set(saved) | set(wanted)):
         a, b = saved.get(name), wanted.get(name)
         if a != b:
             lines.append(
-                f"  {name}: checkpoint {a if a is not None else 'absent'}, "
-                f"this run {b if b is not None else 'absent'}"
+                f"  {name}: {sides[0]} {a if a is not None else 'absent'}, "
+                f"{sides[1]} {b if b is not None else 'absent'}"
             )
     return lines
 
@@ -134,16 +138,27 @@ class Checkpointer:
                 "was changed."
             )
 
-    def evaluated(self, step: int) -> bool:
-        """Whether the state saved at `step` includes that step's evaluation (checkpoints
-        written before the loop saved ahead of evaluating did)."""
-        data = self._read(
+    def data(self, step: int) -> dict:
+        """The record saved beside the state at `step`: class names, input statistics..."""
+        return self._read(
             step,
             lambda: self.manager.restore(
                 step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
             ),
         )["data"]
-        return data.get("evaluated", True)
+
+    def mean_image(self, step: int) -> np.ndarray | None:
+        """The input's mean image saved at `step`, where the run used one."""
+        if not self._read(step, lambda: self.manager.item_metadata(step)).get("mean_image"):
+            return None
+        args = ocp.args.Composite(mean_image=ocp.args.StandardRestore())
+        r = self._read(step, lambda: self.manager.restore(step, args=args))
+        return np.asarray(r["mean_image"]["mean_image"])
+
+    def evaluated(self, step: int) -> bool:
+        """Whether the state saved at `step` includes that step's evaluation (checkpoints
+        written before the loop saved ahead of evaluating did)."""
+        return self.data(step).get("evaluated", True)
 
     def restore(self, abstract_state: Any) -> Any | None:
         """The newest state, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
@@ -174,18 +189,10 @@ class Checkpointer:
             "config": ocp.args.JsonRestore(),
             "data": ocp.args.JsonRestore(),
         }
-        if self._read(step, lambda: self.manager.item_metadata(step)).get("mean_image"):
-            items["mean_image"] = ocp.args.StandardRestore()
         args = ocp.args.Composite(**items)
         r = self._read(step, lambda: self.manager.restore(step, args=args))
-        mean_image = r.get("mean_image")
-        return Saved(
-            int(step),
-            r["state"],
-            ml_collections.ConfigDict(r["config"]),
-            r["data"],
-            None if mean_image is None else np.asarray(mean_image["mean_image"]),
-        )
+        config = ml_collections.ConfigDict(r["config"])
+        return Saved(int(step), r["state"], config, r["data"], self.mean_image(step))
 
     def _state_metadata(self, step: int) -> Any:
         """The saved state's tree of array metadata (shapes, dtypes), read without the arrays."""

@@ -36,20 +36,28 @@ class Stats:
     eigval: tuple[float, float, float]
     eigvec: tuple[tuple[float, ...], ...]  # columns are the eigenvectors
     mean_image: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    # Per-channel std (0-255) where weights were trained with given constants (torchvision's);
+    # None: the covariance's.
+    channel_std: tuple[float, float, float] | None = None
 
     def std(self) -> np.ndarray:
-        """Per-channel standard deviation (0-255), the diagonal of V diag(lambda) V^T."""
+        """Per-channel standard deviation (0-255): `channel_std`, else the diagonal of
+        V diag(lambda) V^T."""
+        if self.channel_std is not None:
+            return np.asarray(self.channel_std, np.float64)
         v = np.asarray(self.eigvec)
         return 255.0 * np.sqrt((v * v) @ np.asarray(self.eigval))
 
     def to_dict(self) -> dict:
         """The JSON-able part (the mean image is stored as an array beside it)."""
-        return {"mean": self.mean, "eigval": self.eigval, "eigvec": self.eigvec}
+        d = {"mean": self.mean, "eigval": self.eigval, "eigvec": self.eigvec}
+        return d if self.channel_std is None else {**d, "std": self.channel_std}
 
     @classmethod
     def from_dict(cls, d: dict, mean_image: np.ndarray | None = None) -> Stats:
         eigvec = tuple(tuple(r) for r in d["eigvec"])
-        return cls(tuple(d["mean"]), tuple(d["eigval"]), eigvec, mean_image)
+        std = tuple(d["std"]) if d.get("std") is not None else None
+        return cls(tuple(d["mean"]), tuple(d["eigval"]), eigvec, mean_image, std)
 
 
 # Paper section 4.1 uses ImageNet's own statistics; these are the widely used values.

@@ -373,6 +373,19 @@ def evaluate_checkpoint(
     return metrics
 
 
+def checkpoint_stats(
+    ckpt: checkpoint.Checkpointer, step: int, data_stats: input_pipeline.Stats
+) -> input_pipeline.Stats:
+    """The input statistics a resumed run normalises with: those its weights were trained
+    with, saved in the checkpoint. They equal the data's, except for converted weights
+    (convert_torchvision: torchvision's mean and std), which fine-tuning must keep."""
+    saved = input_pipeline.Stats.from_dict(ckpt.data(step)["stats"])
+    if saved == data_stats:  # the mean image, not compared, is the data's as well
+        return data_stats
+    logging.info("input statistics from the checkpoint at step %d: %s", step, saved.to_dict())
+    return dataclasses.replace(saved, mean_image=ckpt.mean_image(step))
+
+
 def stop_if_diverged(loss_sum: jax.Array, step: int, ckpt: checkpoint.Checkpointer) -> None:
     """The sum covers every step since the last log line, so one NaN anywhere shows here."""
     if not jnp.isfinite(loss_sum):
@@ -420,6 +433,8 @@ def _train_and_evaluate(
     stats = input_pipeline.get_stats(
         source, i.resize_size, i.stats_max_images, workdir, write=pid == 0
     )
+    if state is not None:
+        stats = checkpoint_stats(ckpt, int(jax.device_get(state.step)), stats)
     preprocess = input_pipeline.Preprocess.from_config(i, stats)
     data_meta = {"class_names": source.class_names, "stats": stats.to_dict()}
     total = num_train_steps(config, source.train.size)
