@@ -92,7 +92,7 @@ def to_torch(params: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, np
             k = _fc6_rows(k, conv5_channels, "hwc", "chw")
         out[keys[name] + ".weight"] = k.transpose(3, 2, 0, 1) if k.ndim == 4 else k.T
         out[keys[name] + ".bias"] = np.asarray(params[name]["bias"], np.float32)
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    return {k: np.array(v, np.float32, order="C") for k, v in out.items()}  # writable copies
 
 
 def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -29,13 +29,18 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
-_DEVICES = flags.DEFINE_integer("devices", None, "Simulated CPU devices (default: the mesh's).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
-_PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s of all devices (default: measure).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Only when run as a script: the sibling benchmarks import this module's functions."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
+    flags.DEFINE_integer("devices", None, "Simulated CPU devices (default: the mesh's).")
+    flags.DEFINE_integer("steps", 10, "Timed steps.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+    flags.DEFINE_float("peak_flops", None, "Peak FLOP/s of all devices (default: measure).")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+    flags.mark_flags_as_required(["config"])
 
 
 def forward_macs(model, params, image_size: int) -> int:
@@ -95,7 +100,7 @@ def synthetic_batch(config, mesh, trainer):
     return parallel.global_batch(mesh, local, b), trainer.input_constants(preprocess)
 
 
-def measure(config) -> dict:
+def measure(config, steps: int = 10, warmup: int = 2, peak_flops: float | None = None) -> dict:
     import jax
 
     from alexnet_jax import parallel, report, train
@@ -116,11 +121,11 @@ def measure(config) -> dict:
     devices = mesh.devices.size
 
     times = []
-    for k in range(_WARMUP.value + _STEPS.value):
+    for k in range(warmup + steps):
         start = time.perf_counter()
         state, out = compiled(state, batch, sums, consts)
         jax.block_until_ready(out)
-        if k >= _WARMUP.value:
+        if k >= warmup:
             times.append(time.perf_counter() - start)
     b = config.batch_size
     rates = b / np.array(times)
@@ -128,8 +133,8 @@ def measure(config) -> dict:
     analytic = 6 * forward_macs(trainer.model, state.params, config.input.image_size) * b
     xla = float(cost.get("flops", 0.0)) * devices
     backend = jax.default_backend()
-    if _PEAK.value:
-        peak, peak_from = _PEAK.value, "--peak_flops"
+    if peak_flops:
+        peak, peak_from = peak_flops, "--peak_flops"
     else:
         one = matmul_peak(config.model.dtype)
         peak = one if backend == "cpu" else one * devices
@@ -180,22 +185,23 @@ def table(r: dict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    config = _CONFIG.value
+    config = FLAGS.config
     import jax
 
     # Only the CPU backend reads this: on GPU/TPU the real devices are used.
-    wanted = _DEVICES.value or max(config.mesh.data, 1) * config.mesh.model
+    wanted = FLAGS.devices or max(config.mesh.data, 1) * config.mesh.model
     jax.config.update("jax_num_cpu_devices", wanted)
     from alexnet_jax import UsageError
 
     try:
-        result = measure(config)
+        result = measure(config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_flops)
     except UsageError as e:
         print(f"train_step.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(result) if _JSON.value else table(result))
+    print(json.dumps(result) if FLAGS.json else table(result))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _define_flags()
     app.run(main)

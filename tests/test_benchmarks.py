@@ -1,10 +1,11 @@
-"""benchmarks/train_step.py on a tiny config: the JSON it prints, with numbers that hang
-together."""
+"""benchmarks/train_step.py on a tiny config, and compare_pytorch.py on a tiny batch: the JSON
+they print, with numbers that hang together."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -44,3 +45,33 @@ def test_the_train_step_benchmark_prints_its_json(mesh):
     assert out["peak_from"] == "--peak_flops" and out["compile_seconds"] > 0
     mem = out["memory_bytes_per_device"]
     assert mem["peak"] == mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
+
+
+@pytest.mark.slow  # the full-size paper model in three frameworks, in a subprocess
+def test_the_pytorch_comparison_checks_logits_then_times_interleaved_rounds():
+    pytest.importorskip("torch", reason='needs PyTorch: pip install -e ".[bench]"')
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks/compare_pytorch.py"),
+            "--batch_size=2",
+            "--rounds=2",
+            "--steps=1",
+            "--warmup=0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["variant"] == "paper" and out["batch_size"] == 2
+    agreement = out["logits_relative_difference"]
+    assert set(agreement) == {"torch", "tf", "tf_xla"} and max(agreement.values()) < 1e-4
+    rounds = out["images_per_sec_per_round"]
+    assert set(rounds) == {"jax", "torch", "tf", "tf_xla"}
+    assert all(len(v) == 2 and min(v) > 0 for v in rounds.values())
+    per_round = [a / b for a, b in zip(rounds["jax"], rounds["torch"], strict=True)]
+    assert out["ratios"]["jax/torch"]["median"] == pytest.approx(np.median(per_round))
+    assert out["versions"]["torch"].startswith("2.")
