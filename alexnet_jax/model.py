@@ -16,12 +16,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from alexnet_jax import ops
 from alexnet_jax.errors import UsageError
-
-# LRN hyper-parameters of paper section 3.3 (alpha is not divided by n).
-LRN_K, LRN_N, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,22 +58,6 @@ WEIGHT_INITS = ("paper", "he")
 def per_tower(features: int, width: float, towers: int) -> int:
     """Channels of one tower: the paper's count scaled by `width`, rounded to an even number."""
     return max(2, 2 * round(features * width / towers / 2))
-
-
-def lrn_band(channels: int, towers: int, n: int = LRN_N) -> np.ndarray:
-    """0/1 matrix summing the n adjacent channels of the same tower: the LRN sum as one matmul."""
-    i = np.arange(channels)
-    tower = i // (channels // towers)
-    near = np.abs(i[:, None] - i[None, :]) <= n // 2
-    return (near & (tower[:, None] == tower[None, :])).astype(np.float32)
-
-
-def local_response_norm(x: jax.Array, towers: int) -> jax.Array:
-    """b = a / (k + alpha * sum_{adjacent channels of the same tower} a^2)^beta, in float32."""
-    x = x.astype(jnp.float32)
-    band = jnp.asarray(lrn_band(x.shape[-1], towers))
-    denom = LRN_K + LRN_ALPHA * jnp.einsum("...c,cd->...d", x * x, band)
-    return x * denom ** (-LRN_BETA)
 
 
 def _pool_out(size: int, overlap: bool) -> int:
@@ -296,17 +277,17 @@ class AlexNet(nn.Module):
     ) -> jax.Array:
         masks = dropout_masks if dropout_masks is not None else (None, None)
         towers, local_towers = self.num_towers, self.num_towers // self.tower_shards
-        window = (3, 3) if self.overlap_pool else (2, 2)
+        window = 3 if self.overlap_pool else 2
         paper_bias = {"conv2": 1.0, "conv4": 1.0, "conv5": 1.0}
         for spec in self.convs:
             if spec.name == "conv3":
                 x = self._gather(x)
             x = self._act(self._conv(spec, x, paper_bias.get(spec.name, 0.0)))
             if spec.lrn and self.use_lrn:
-                x = local_response_norm(x, local_towers).astype(self.dtype)
+                x = ops.lrn(x, local_towers).astype(self.dtype)
             self.sow("intermediates", f"{spec.name}_map", x)  # feature maps, for inspection
             if spec.pool:
-                x = nn.max_pool(x, window, strides=(2, 2), padding="VALID")
+                x = ops.max_pool(x, window, 2)
                 self.sow("intermediates", f"{spec.name}_pool", x)
 
         fc_local = per_tower(FC_FEATURES, self.width, towers) * local_towers

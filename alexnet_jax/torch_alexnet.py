@@ -13,20 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alexnet_jax.model import (
-    FC_FEATURES,
-    LRN_ALPHA,
-    LRN_BETA,
-    LRN_K,
-    LRN_N,
-    OWT_CONVS,
-    PAPER_CONVS,
-    VARIANTS,
-)
+from alexnet_jax.model import FC_FEATURES, OWT_CONVS, PAPER_CONVS, VARIANTS
+from alexnet_jax.ops import LRN_ALPHA, LRN_BETA, LRN_K, LRN_N
 
 
 class TowerLRN(nn.Module):
-    """Paper section 3.3 summed over the channels of each tower (model.local_response_norm).
+    """Paper section 3.3 summed over the channels of each tower (ops.lrn).
     torch divides alpha by the window size, the paper does not: hence alpha * n."""
 
     def __init__(self, towers: int):

@@ -313,6 +313,10 @@ def table(r: dict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
+    from alexnet_jax import cluster
+
+    # The XLA flags launch.py runs with, before any backend starts.
+    os.environ["XLA_FLAGS"] = cluster.xla_flags(os.environ.get("XLA_FLAGS", ""))
     frameworks = [f.strip() for f in _FRAMEWORKS.value]
     unknown = set(frameworks) - set(NAMES)
     if unknown or "jax" not in frameworks:

@@ -152,6 +152,10 @@ def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[
 
 def main(argv: list[str]) -> None:
     del argv
+    from alexnet_jax import cluster
+
+    # The XLA flags launch.py runs with, before any backend starts (the step rate).
+    os.environ["XLA_FLAGS"] = cluster.xla_flags(os.environ.get("XLA_FLAGS", ""))
 
     from alexnet_jax import input_pipeline as ip
     from alexnet_jax import paper256, sources

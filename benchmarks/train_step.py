@@ -188,6 +188,11 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     import jax
 
+    from alexnet_jax import cluster
+
+    # The XLA flags launch.py runs with, before any backend starts.
+    os.environ["XLA_FLAGS"] = cluster.xla_flags(os.environ.get("XLA_FLAGS", ""))
+
     # Only the CPU backend reads this: on GPU/TPU the real devices are used.
     wanted = FLAGS.devices or max(config.mesh.data, 1) * config.mesh.model
     jax.config.update("jax_num_cpu_devices", wanted)

@@ -9,6 +9,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from alexnet_jax import cluster  # noqa: E402
+
+# The XLA flags launch.py runs with, before any backend starts.
+os.environ["XLA_FLAGS"] = cluster.xla_flags(os.environ.get("XLA_FLAGS", ""))
+
 jax.config.update("jax_num_cpu_devices", 8)  # before any device is touched
 jax.config.update("jax_numpy_rank_promotion", "raise")
 CACHE = Path(os.environ.get("ALEXNET_TEST_XLA_CACHE", Path.home() / ".cache/alexnet_jax/xla-tests"))

@@ -124,13 +124,15 @@ def test_visible_gpus():
 
 
 def test_xla_flags_add_ours_and_keep_the_users():
-    ours = cluster.GPU_XLA_FLAGS[0]
-    assert cluster.xla_flags("") == ours
+    gpu, cpu = cluster.GPU_XLA_FLAGS[0], cluster.CPU_XLA_FLAGS[0]
+    assert cluster.xla_flags("") == f"{gpu} {cpu}"
     assert cluster.xla_flags("--xla_force_host_platform_device_count=4") == (
-        f"--xla_force_host_platform_device_count=4 {ours}"
+        f"--xla_force_host_platform_device_count=4 {gpu} {cpu}"
     )
-    mine = ours.replace("=true", "=false")
-    assert cluster.xla_flags(mine) == mine
+    mine = gpu.replace("=true", "=false")
+    assert cluster.xla_flags(mine) == f"{mine} {cpu}"
+    ynn = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"  # a user's choice stays
+    assert cluster.xla_flags(ynn) == f"{ynn} {gpu}"
     assert cluster.dispatch_depth("cpu") == 1 and cluster.dispatch_depth("gpu") > 1
 
 

@@ -46,7 +46,8 @@ def test_the_package_imports_have_no_cycle():
 def test_the_layers():
     graph = import_graph()
     assert graph["errors"] == set()
-    assert graph["model"] == {"errors"}  # the model knows no config, data, mesh or file
+    assert graph["ops"] == set()
+    assert graph["model"] == {"errors", "ops"}  # the model knows no config, data, mesh or file
     assert "train" not in graph["checkpoint"] and "train" not in graph["inference"]
     assert graph["train"] >= {"checkpoint", "parallel", "input_pipeline", "model"}
     assert graph["inference"] >= {"checkpoint", "model", "input_pipeline"}

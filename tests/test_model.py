@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from alexnet_jax import UsageError
-from alexnet_jax.model import AlexNet, local_response_norm, param_count
+from alexnet_jax.model import AlexNet, param_count
+from alexnet_jax.ops import lrn as local_response_norm
 from configs import alexnet, digits, owt
 
 

@@ -1,0 +1,85 @@
+"""ops.lrn and ops.max_pool against their plain definitions: the same values and the same
+gradients as `jax.grad` of the plain ones, ties in pooling windows included."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import ops
+
+
+def plain_lrn(x, towers):
+    """Paper section 3.3 as a banded matmul over channels, differentiated by JAX."""
+    c = x.shape[-1]
+    i = np.arange(c)
+    tower = i // (c // towers)
+    band = (np.abs(i[:, None] - i[None, :]) <= ops.LRN_N // 2) & (tower[:, None] == tower)
+    s = jnp.einsum("...c,cd->...d", x * x, jnp.asarray(band, jnp.float32), precision="highest")
+    return x * (ops.LRN_K + ops.LRN_ALPHA * s) ** -ops.LRN_BETA
+
+
+def plain_pool(x, window, stride):
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("towers", [1, 2])
+def test_lrn_values_and_gradient_equal_the_plain_definition(towers):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    x = 60.0 * jax.random.normal(k1, (2, 5, 5, 16))  # where the sum is far from k
+    g = jax.random.normal(k2, x.shape)
+    y = ops.lrn(x, towers)
+    assert _rel(y, x) > 0.1  # it normalises at this scale
+    assert _rel(y, plain_lrn(x, towers)) < 1e-6
+    grad = jax.grad(lambda x: jnp.sum(ops.lrn(x, towers) * g))(x)
+    want = jax.grad(lambda x: jnp.sum(plain_lrn(x, towers) * g))(x)
+    diag = g * (ops.LRN_K + 0.0) ** -ops.LRN_BETA  # the gradient if the sum were constant
+    assert _rel(want, diag) > 0.05  # the cross-channel terms matter here
+    assert _rel(grad, want) < 1e-5
+    other = jax.grad(lambda x: jnp.sum(plain_lrn(x, 3 - towers) * g))(x)
+    assert _rel(grad, other) > 1e-3  # the towers' split shows in the gradient
+
+
+@pytest.mark.parametrize(
+    "window, shape", [(3, (2, 13, 13, 4)), (3, (1, 12, 11, 3)), (2, (2, 8, 9, 3))]
+)
+def test_max_pool_values_and_gradient_equal_the_plain_definition(window, shape):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    x = jax.random.normal(k1, shape)
+    y = ops.max_pool(x, window, 2)
+    np.testing.assert_array_equal(y, plain_pool(x, window, 2))
+    g = jax.random.normal(k2, y.shape)
+    grad = jax.grad(lambda x: jnp.sum(ops.max_pool(x, window, 2) * g))(x)
+    want = jax.grad(lambda x: jnp.sum(plain_pool(x, window, 2) * g))(x)
+    assert jnp.count_nonzero(want) > 0
+    np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_ties_go_where_xla_sends_them():
+    """Inputs of few distinct values (ReLU zeros, repeated maxima), so most windows tie; and a
+    window that is all one value. Each output's gradient goes to one input only."""
+    x = jax.random.randint(jax.random.PRNGKey(2), (2, 13, 13, 3), 0, 3).astype(jnp.float32)
+    x = x.at[0, :3, :3, 0].set(1.0)
+    y = ops.max_pool(x, 3, 2)
+    g = jax.random.uniform(jax.random.PRNGKey(3), y.shape, minval=1.0, maxval=2.0)
+    grad = jax.grad(lambda x: jnp.sum(ops.max_pool(x, 3, 2) * g))(x)
+    want = jax.grad(lambda x: jnp.sum(plain_pool(x, 3, 2) * g))(x)
+    np.testing.assert_allclose(grad, want, rtol=1e-6)
+    assert float(jnp.sum(grad)) == pytest.approx(float(jnp.sum(g)), rel=1e-5)
+    # A rule that split ties between the maxima, or gave them to the last one, differs here.
+    last = jax.grad(lambda x: jnp.sum(plain_pool(x[:, ::-1, ::-1], 3, 2)[:, ::-1, ::-1] * g))(x)
+    assert not np.allclose(last, want)
+
+
+def test_bfloat16_pooling_gradient():
+    x = jax.random.normal(jax.random.PRNGKey(4), (1, 9, 9, 2)).astype(jnp.bfloat16)
+    g = jnp.ones((1, 4, 4, 2), jnp.bfloat16)
+    grad = jax.grad(lambda x: jnp.sum(ops.max_pool(x, 3, 2) * g).astype(jnp.float32))(x)
+    want = jax.grad(lambda x: jnp.sum(plain_pool(x, 3, 2) * g).astype(jnp.float32))(x)
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(grad, want)
