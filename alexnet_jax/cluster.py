@@ -35,11 +35,13 @@ CPU_XLA_FLAGS = (
 )
 
 
-def xla_flags(user: str) -> str:
-    """`user`'s XLA_FLAGS plus ours, leaving any flag the user set to the user's value.
-    (Every XLA build knows the GPU and CPU flags, so each is harmless on the other backends.)"""
+def xla_flags(user: str, cpu: bool = True) -> str:
+    """`user`'s XLA_FLAGS plus ours (the CPU ones unless `cpu` is False), leaving any flag the
+    user set to the user's value. (Every XLA build knows the GPU and CPU flags, so each is
+    harmless on the other backends.)"""
     given = {f.split("=", 1)[0] for f in user.split()}
-    ours = [f for f in GPU_XLA_FLAGS + CPU_XLA_FLAGS if f.split("=", 1)[0] not in given]
+    flags = GPU_XLA_FLAGS + (CPU_XLA_FLAGS if cpu else ())
+    ours = [f for f in flags if f.split("=", 1)[0] not in given]
     return " ".join([user.strip(), *ours]).strip()
 
 

@@ -284,10 +284,10 @@ class AlexNet(nn.Module):
                 x = self._gather(x)
             x = self._act(self._conv(spec, x, paper_bias.get(spec.name, 0.0)))
             if spec.lrn and self.use_lrn:
-                x = ops.lrn(x, local_towers).astype(self.dtype)
+                x = ops.local_response_norm(x, local_towers).astype(self.dtype)
             self.sow("intermediates", f"{spec.name}_map", x)  # feature maps, for inspection
             if spec.pool:
-                x = ops.max_pool(x, window, 2)
+                x = ops.pool(x, window, 2)
                 self.sow("intermediates", f"{spec.name}_pool", x)
 
         fc_local = per_tower(FC_FEATURES, self.width, towers) * local_towers

@@ -12,14 +12,64 @@ included.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # Paper section 3.3 (alpha is not divided by n).
 LRN_K, LRN_N, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
+PLAIN_CHOICES = ("lrn", "pool")
+_plain: set[str] = set()  # the ops traced with their plain definitions (see `plain`)
+
+
+@contextlib.contextmanager
+def plain(*names: str) -> Iterator[None]:
+    """Trace `names` ('lrn', 'pool') with their plain definitions, which JAX differentiates
+    itself: for ablations (benchmarks/train_step.py --plain_ops) and to rule the fast ones
+    out when a result looks wrong. It applies to what is traced (jitted) inside the block."""
+    unknown = set(names) - set(PLAIN_CHOICES)
+    if unknown:
+        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {PLAIN_CHOICES}")
+    before = set(_plain)
+    _plain.update(names)
+    try:
+        yield
+    finally:
+        _plain.clear()
+        _plain.update(before)
+
+
+def local_response_norm(x: jax.Array, towers: int) -> jax.Array:
+    """Paper section 3.3 within each tower, in float32 (`lrn`, or `plain_lrn` under `plain`)."""
+    return plain_lrn(x, towers) if "lrn" in _plain else lrn(x, towers)
+
+
+def pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """VALID max-pooling (`max_pool`, or `plain_max_pool` under `plain`)."""
+    return plain_max_pool(x, window, stride) if "pool" in _plain else max_pool(x, window, stride)
+
+
+def plain_lrn(x: jax.Array, towers: int) -> jax.Array:
+    """The plain definition: the channel sum as a banded matmul, d^-beta as a power."""
+    x = x.astype(jnp.float32)
+    c = x.shape[-1]
+    i = np.arange(c)
+    tower = i // (c // towers)
+    band = (np.abs(i[:, None] - i[None, :]) <= LRN_N // 2) & (tower[:, None] == tower[None, :])
+    s = jnp.einsum("...c,cd->...d", x * x, jnp.asarray(band, jnp.float32), precision="highest")
+    return x * (LRN_K + LRN_ALPHA * s) ** -LRN_BETA
+
+
+def plain_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """The plain definition, whose gradient XLA computes with a select-and-scatter."""
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID"
+    )
 
 
 def channel_window_sum(x: jax.Array, towers: int, n: int = LRN_N) -> jax.Array:
@@ -80,9 +130,7 @@ def _window_slice(x: jax.Array, i: int, j: int, out: tuple[int, int], stride: in
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     """VALID max-pooling of NHWC `x` over window x window patches, `stride` apart."""
-    return lax.reduce_window(
-        x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID"
-    )
+    return plain_max_pool(x, window, stride)
 
 
 def _pool_fwd(x: jax.Array, window: int, stride: int) -> tuple[jax.Array, tuple]:

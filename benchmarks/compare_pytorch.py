@@ -13,7 +13,8 @@ that differ. Each framework's step is a whole SGD step (momentum 0.9, weight dec
 kernels, dropout on) at the same global batch; ours is the step launch.py runs (train.Trainer
 on one device, fed uint8 crops that it normalises on the device), the others take normalised
 float images. Every round times --steps steps of each framework in turn (A B C D, A B C D, ...),
-so a slow spell of the machine falls on all of them; the ratios are per round.
+after --settle untimed ones, so a slow spell of the machine falls on all of them; the ratios
+are per round.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch, the same for ever
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps of each framework per round.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps of each framework first.")
+_SETTLE = flags.DEFINE_integer(
+    "settle", 1, "Untimed steps of each framework at the start of its turn in every round."
+)
 _FRAMEWORKS = flags.DEFINE_list(
     "frameworks", "jax,torch,tf,tf_xla", "Which to time: jax, torch, tf, tf_xla."
 )
@@ -246,6 +250,8 @@ def measure(variant: str, batch: int, frameworks: list[str]) -> dict:
     rates = {k: [] for k in steps}
     for _ in range(_ROUNDS.value):
         for name, step in steps.items():
+            for _ in range(_SETTLE.value):  # the first step after another framework's is slower
+                step()
             start = time.perf_counter()
             for _ in range(_STEPS.value):
                 step()
@@ -265,6 +271,7 @@ def measure(variant: str, batch: int, frameworks: list[str]) -> dict:
         "batch_size": batch,
         "rounds": _ROUNDS.value,
         "steps_per_round": _STEPS.value,
+        "settle_steps": _SETTLE.value,
         "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(),
         "versions": _versions(frameworks),

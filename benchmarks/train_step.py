@@ -12,6 +12,9 @@ backward pass costs about twice the forward). MFU divides the analytic FLOP/s by
 --peak_flops, else a large matmul timed here (best of 5) in the model's dtype. On the CPU the
 simulated devices share the same cores, so the peak is the machine's, measured once; on GPUs
 and TPUs it is one device's times the devices.
+
+Ablations, one per run: --plain_ops=lrn,pool traces LRN and max-pooling with their plain
+definitions (ops.plain), --ynnpack leaves XLA's default CPU convolutions (cluster.CPU_XLA_FLAGS).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
     flags.DEFINE_float("peak_flops", None, "Peak FLOP/s of all devices (default: measure).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+    flags.DEFINE_list("plain_ops", [], "Ablation: trace these ops (lrn, pool) plainly.")
+    flags.DEFINE_bool("ynnpack", False, "Ablation: XLA's default CPU convolutions (YNNPACK).")
     flags.mark_flags_as_required(["config"])
 
 
@@ -100,10 +105,16 @@ def synthetic_batch(config, mesh, trainer):
     return parallel.global_batch(mesh, local, b), trainer.input_constants(preprocess)
 
 
-def measure(config, steps: int = 10, warmup: int = 2, peak_flops: float | None = None) -> dict:
+def measure(
+    config,
+    steps: int = 10,
+    warmup: int = 2,
+    peak_flops: float | None = None,
+    plain_ops: tuple[str, ...] = (),
+) -> dict:
     import jax
 
-    from alexnet_jax import parallel, report, train
+    from alexnet_jax import ops, parallel, report, train
 
     config = train.resolve_batch_size(config, jax.device_count())
     train.check_config(config, jax.device_count(), jax.process_count())
@@ -114,7 +125,8 @@ def measure(config, steps: int = 10, warmup: int = 2, peak_flops: float | None =
     sums = trainer.zero_sums()
 
     start = time.perf_counter()
-    compiled = trainer.train_step.lower(state, batch, sums, consts).compile()
+    with ops.plain(*plain_ops):
+        compiled = trainer.train_step.lower(state, batch, sums, consts).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -160,6 +172,8 @@ def measure(config, steps: int = 10, warmup: int = 2, peak_flops: float | None =
         "mfu": analytic / median_s / peak,
         "compile_seconds": compile_s,
         "memory_bytes_per_device": mem,
+        "plain_ops": sorted(plain_ops),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -179,6 +193,8 @@ def table(r: dict) -> str:
         f"compile             {r['compile_seconds']:.1f} s",
         "memory per device   "
         + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in r["memory_bytes_per_device"].items()),
+        f"plain ops           {', '.join(r['plain_ops']) or 'none'}",
+        f"XLA_FLAGS           {r['xla_flags']}",
     ]
     return "\n".join(rows)
 
@@ -191,7 +207,9 @@ def main(argv: list[str]) -> None:
     from alexnet_jax import cluster
 
     # The XLA flags launch.py runs with, before any backend starts.
-    os.environ["XLA_FLAGS"] = cluster.xla_flags(os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = cluster.xla_flags(
+        os.environ.get("XLA_FLAGS", ""), cpu=not FLAGS.ynnpack
+    )
 
     # Only the CPU backend reads this: on GPU/TPU the real devices are used.
     wanted = FLAGS.devices or max(config.mesh.data, 1) * config.mesh.model
@@ -199,7 +217,9 @@ def main(argv: list[str]) -> None:
     from alexnet_jax import UsageError
 
     try:
-        result = measure(config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_flops)
+        result = measure(
+            config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_flops, tuple(FLAGS.plain_ops)
+        )
     except UsageError as e:
         print(f"train_step.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -43,6 +43,7 @@ def test_the_train_step_benchmark_prints_its_json(mesh):
     assert 1e8 < out["flops_per_step_analytic"] < 1e9 and out["flops_per_step_xla"] > 0
     assert out["mfu"] == pytest.approx(out["flops_per_sec_analytic"] / 1e12)
     assert out["peak_from"] == "--peak_flops" and out["compile_seconds"] > 0
+    assert out["plain_ops"] == [] and "--xla_cpu_experimental_ynn_fusion_type=" in out["xla_flags"]
     mem = out["memory_bytes_per_device"]
     assert mem["peak"] == mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
 

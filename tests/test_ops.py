@@ -9,15 +9,7 @@ import pytest
 
 from alexnet_jax import ops
 
-
-def plain_lrn(x, towers):
-    """Paper section 3.3 as a banded matmul over channels, differentiated by JAX."""
-    c = x.shape[-1]
-    i = np.arange(c)
-    tower = i // (c // towers)
-    band = (np.abs(i[:, None] - i[None, :]) <= ops.LRN_N // 2) & (tower[:, None] == tower)
-    s = jnp.einsum("...c,cd->...d", x * x, jnp.asarray(band, jnp.float32), precision="highest")
-    return x * (ops.LRN_K + ops.LRN_ALPHA * s) ** -ops.LRN_BETA
+plain_lrn = ops.plain_lrn  # its values: tests/test_model.py's test of the paper's formula
 
 
 def plain_pool(x, window, stride):
@@ -83,3 +75,21 @@ def test_bfloat16_pooling_gradient():
     want = jax.grad(lambda x: jnp.sum(plain_pool(x, 3, 2) * g).astype(jnp.float32))(x)
     assert grad.dtype == jnp.bfloat16
     np.testing.assert_array_equal(grad, want)
+
+
+def test_plain_swaps_the_definitions_inside_its_block_only():
+    x = jax.random.normal(jax.random.PRNGKey(5), (1, 9, 9, 4))
+
+    def grad_jaxpr():
+        return str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(ops.pool(x, 3, 2))))(x))
+
+    assert "select_and_scatter" not in grad_jaxpr()
+    with ops.plain("pool"):
+        assert "select_and_scatter" in grad_jaxpr()
+        np.testing.assert_array_equal(ops.pool(x, 3, 2), ops.max_pool(x, 3, 2))
+        lrn_jaxpr = str(jax.make_jaxpr(lambda x: ops.local_response_norm(x, 2))(x))
+        assert "dot_general" not in lrn_jaxpr  # LRN stays the fast one
+    assert "select_and_scatter" not in grad_jaxpr()
+    with pytest.raises(ValueError, match="unknown ops \\['lrm'\\]"):
+        with ops.plain("lrm"):
+            pass
