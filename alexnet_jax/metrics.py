@@ -103,6 +103,21 @@ class MetricsWriter:
         self.tb.flush()
 
 
+def read_metrics(workdir: epath.PathLike, name: str = "metrics.jsonl") -> list[dict]:
+    """The lines of workdir/metrics.jsonl (or workdir/eval_mode/... with that `name`), oldest
+    first; a last line cut short by a killed run is left out."""
+    path = epath.Path(workdir) / name
+    if not path.exists():
+        raise FileNotFoundError(f"No {path}: train first, or check the workdir.")
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
 def layer_table(model: AlexNet, params: Any, image_size: int) -> str:
     shapes = dict(model.feature_shapes(image_size))
     rows = [("layer", "output", "parameters")]

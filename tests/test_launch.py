@@ -132,6 +132,34 @@ def test_the_kernels_notebook_draws_both_towers(trained_on_4x2, tmp_path):
     assert figure.ndim == 3 and figure.shape[2] == 3 and figure.min() < figure.max()
 
 
+def test_the_curves_notebook_plots_a_run(tmp_path):
+    import nbformat
+    from conftest import tiny_config
+    from nbclient import NotebookClient
+    from PIL import Image
+
+    workdir, figures = tmp_path / "run", tmp_path / "figures"
+    figures.mkdir()
+    train.train_and_evaluate(tiny_config(log_every_steps=2), str(workdir))
+    nb = nbformat.read(REPO / "notebooks/training_curves.ipynb", as_version=4)
+    os.environ["ALEXNET_WORKDIR"], os.environ["ALEXNET_FIGURES"] = str(workdir), str(figures)
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        ).execute()
+    finally:
+        del os.environ["ALEXNET_WORKDIR"], os.environ["ALEXNET_FIGURES"]
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "4 train points, 2 eval points, last step 8" in text
+    best = min(
+        (m for m in metrics(workdir) if "eval/loss" in m), key=lambda m: m["eval/top1_error"]
+    )
+    assert f"step {best['step']}: top-1 error {best['eval/top1_error']:.4f}" in text
+    figure = np.asarray(Image.open(figures / "training_curves.png").convert("RGB"))
+    assert figure.shape[0] > 200 and figure.shape[1] > 600
+    assert (figure.min(axis=2) < 128).mean() > 0.01  # lines and text, not a blank page
+
+
 @pytest.mark.slow
 def test_the_demo_reaches_the_accuracy_bar(tmp_path):
     """The README's demo command, unchanged: held-out top-1 error at most 5%."""
