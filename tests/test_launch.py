@@ -132,6 +132,7 @@ def test_the_kernels_notebook_draws_both_towers(trained_on_4x2, tmp_path):
     assert figure.ndim == 3 and figure.shape[2] == 3 and figure.min() < figure.max()
 
 
+@pytest.mark.slow  # trains its own run, then starts a kernel
 def test_the_curves_notebook_plots_a_run(tmp_path):
     import nbformat
     from conftest import tiny_config
