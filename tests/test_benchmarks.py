@@ -10,32 +10,35 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.slow  # compiles and times the real step in a subprocess
-@pytest.mark.parametrize("mesh", [(1, 1), (4, 2)])
-def test_the_train_step_benchmark_prints_its_json(mesh):
-    data, model = mesh
+def run_json(script, *args):
+    """benchmarks/`script` with `args` in a subprocess: the JSON object it printed last."""
     r = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks/train_step.py"),
-            f"--config={REPO / 'configs/digits.py'}",
-            "--config.model.width=0.125",
-            "--config.input.image_size=67",
-            "--config.input.resize_size=72",
-            "--config.batch_size=16",
-            f"--config.mesh.data={data}",
-            f"--config.mesh.model={model}",
-            "--steps=3",
-            "--warmup=1",
-            "--peak_flops=1e12",
-            "--json",
-        ],
+        [sys.executable, str(REPO / "benchmarks" / script), *args, "--json"],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # compiles and times the real step in a subprocess
+@pytest.mark.parametrize("mesh", [(1, 1), (4, 2)])
+def test_the_train_step_benchmark_prints_its_json(mesh):
+    data, model = mesh
+    out = run_json(
+        "train_step.py",
+        f"--config={REPO / 'configs/digits.py'}",
+        "--config.model.width=0.125",
+        "--config.input.image_size=67",
+        "--config.input.resize_size=72",
+        "--config.batch_size=16",
+        f"--config.mesh.data={data}",
+        f"--config.mesh.model={model}",
+        "--steps=3",
+        "--warmup=1",
+        "--peak_flops=1e12",
+    )
     assert out["mesh"] == {"data": data, "model": model} and out["batch_size"] == 16
     assert out["images_per_sec_min"] <= out["images_per_sec"] <= out["images_per_sec_max"]
     assert out["images_per_sec"] == pytest.approx(16 / out["step_seconds"], rel=0.5)
@@ -51,22 +54,8 @@ def test_the_train_step_benchmark_prints_its_json(mesh):
 @pytest.mark.slow  # the full-size paper model in three frameworks, in a subprocess
 def test_the_pytorch_comparison_checks_logits_then_times_interleaved_rounds():
     pytest.importorskip("torch", reason='needs PyTorch: pip install -e ".[bench]"')
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks/compare_pytorch.py"),
-            "--batch_size=2",
-            "--rounds=2",
-            "--steps=1",
-            "--warmup=0",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    args = ("--batch_size=2", "--rounds=2", "--steps=1", "--warmup=0")
+    out = run_json("compare_pytorch.py", *args)
     assert out["variant"] == "paper" and out["batch_size"] == 2
     agreement = out["logits_relative_difference"]
     assert set(agreement) == {"torch", "tf", "tf_xla"} and max(agreement.values()) < 1e-4

@@ -35,6 +35,26 @@ def metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def run_notebook(name, workdir, figures=None):
+    """Execute notebooks/`name` on `workdir` (figures to `figures`); the text it printed."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    env = {"ALEXNET_WORKDIR": str(workdir)}
+    if figures is not None:
+        env["ALEXNET_FIGURES"] = str(figures)
+    os.environ.update(env)
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        ).execute()
+    finally:
+        for k in env:
+            del os.environ[k]
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
 def test_unknown_config_key_is_one_line(tmp_path):
     r = launch(tmp_path, "--config.optimizer.learnin_rate=0.1")
     assert r.returncode == 2
@@ -93,40 +113,20 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 
 
 def test_notebook_restores_a_run(tmp_path):
-    import nbformat
     from conftest import tiny_config
-    from nbclient import NotebookClient
 
     train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path))
-    nb = nbformat.read(REPO / "notebooks/restore_checkpoint.ipynb", as_version=4)
-    os.environ["ALEXNET_WORKDIR"] = str(tmp_path)
-    try:
-        NotebookClient(
-            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
-        ).execute()
-    finally:
-        del os.environ["ALEXNET_WORKDIR"]
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = run_notebook("restore_checkpoint.ipynb", tmp_path)
     assert "step 4," in text
     assert "top-5:" in text
     assert "held-out top-1 accuracy:" in text and "(360 digits)" in text
 
 
 def test_the_kernels_notebook_draws_both_towers(trained_on_4x2, tmp_path):
-    import nbformat
-    from nbclient import NotebookClient
     from PIL import Image
 
     _, workdir = trained_on_4x2
-    nb = nbformat.read(REPO / "notebooks/first_layer_kernels.ipynb", as_version=4)
-    os.environ["ALEXNET_WORKDIR"], os.environ["ALEXNET_FIGURES"] = str(workdir), str(tmp_path)
-    try:
-        NotebookClient(
-            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
-        ).execute()
-    finally:
-        del os.environ["ALEXNET_WORKDIR"], os.environ["ALEXNET_FIGURES"]
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = run_notebook("first_layer_kernels.ipynb", workdir, tmp_path)
     assert "2 tower(s)" in text and "tower 1: colour score" in text and "tower 2:" in text
     figure = np.asarray(Image.open(tmp_path / "first_layer_kernels.png"))
     assert figure.ndim == 3 and figure.shape[2] == 3 and figure.min() < figure.max()
@@ -134,23 +134,13 @@ def test_the_kernels_notebook_draws_both_towers(trained_on_4x2, tmp_path):
 
 @pytest.mark.slow  # trains its own run, then starts a kernel
 def test_the_curves_notebook_plots_a_run(tmp_path):
-    import nbformat
     from conftest import tiny_config
-    from nbclient import NotebookClient
     from PIL import Image
 
     workdir, figures = tmp_path / "run", tmp_path / "figures"
     figures.mkdir()
     train.train_and_evaluate(tiny_config(log_every_steps=2), str(workdir))
-    nb = nbformat.read(REPO / "notebooks/training_curves.ipynb", as_version=4)
-    os.environ["ALEXNET_WORKDIR"], os.environ["ALEXNET_FIGURES"] = str(workdir), str(figures)
-    try:
-        NotebookClient(
-            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
-        ).execute()
-    finally:
-        del os.environ["ALEXNET_WORKDIR"], os.environ["ALEXNET_FIGURES"]
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = run_notebook("training_curves.ipynb", workdir, figures)
     assert "4 train points, 2 eval points, last step 8" in text
     best = min(
         (m for m in metrics(workdir) if "eval/loss" in m), key=lambda m: m["eval/top1_error"]
