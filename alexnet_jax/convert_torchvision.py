@@ -68,15 +68,21 @@ def from_torch(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]
     """This project's parameter tree (float32 NumPy) from a torch AlexNet state dict."""
     sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
     keys = layer_keys(sd)
+
+    def get(key: str) -> np.ndarray:
+        if key not in sd:
+            raise UsageError(f"the state dict has {key.rsplit('.', 1)[0]}.weight but no {key}.")
+        return sd[key]
+
     params = {}
     for name in CONVS:
-        w = sd[keys[name] + ".weight"]
+        w = get(keys[name] + ".weight")
         if w.ndim != 4:
             raise UsageError(f"{keys[name]}.weight has shape {w.shape}; a conv kernel is OIHW.")
-        params[name] = {"kernel": w.transpose(2, 3, 1, 0), "bias": sd[keys[name] + ".bias"]}
+        params[name] = {"kernel": w.transpose(2, 3, 1, 0), "bias": get(keys[name] + ".bias")}
     for name in DENSES:
-        w = sd[keys[name] + ".weight"]
-        params[name] = {"kernel": w.T, "bias": sd[keys[name] + ".bias"]}
+        w = get(keys[name] + ".weight")
+        params[name] = {"kernel": w.T, "bias": get(keys[name] + ".bias")}
     conv5_channels = params["conv5"]["kernel"].shape[-1]
     params["fc6"]["kernel"] = _fc6_rows(params["fc6"]["kernel"], conv5_channels, "chw", "hwc")
     return params

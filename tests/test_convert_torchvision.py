@@ -124,6 +124,8 @@ def test_refusals_leave_nothing_behind(converted, tmp_path):
         ct.convert(paper, tmp_path / "paper", owt.get_config())
     with pytest.raises(UsageError, match="found 2 \\(\\['classifier.1', 'classifier.4'\\]\\)"):
         ct.from_torch({k: v for k, v in _state_dict(m).items() if "classifier.6" not in k})
+    with pytest.raises(UsageError, match="has features.3.weight but no features.3.bias"):
+        ct.from_torch({k: v for k, v in _state_dict(m).items() if k != "features.3.bias"})
     assert not (tmp_path / "paper").exists()
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"PK\x03\x04 this is no torch file")
