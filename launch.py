@@ -145,7 +145,7 @@ def main(argv: list[str]) -> None:
     from alexnet_jax import UsageError, cluster
 
     # Before anything starts a backend: XLA reads its flags once.
-    os.environ["XLA_FLAGS"] = cluster.xla_flags(os.environ.get("XLA_FLAGS", ""))
+    cluster.set_xla_flags()
     import jax
 
     from alexnet_jax import train

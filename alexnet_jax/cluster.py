@@ -45,6 +45,12 @@ def xla_flags(user: str, cpu: bool = True) -> str:
     return " ".join([user.strip(), *ours]).strip()
 
 
+def set_xla_flags(cpu: bool = True) -> None:
+    """Put `xla_flags` into the environment: call it before anything starts a backend (XLA
+    reads its flags once)."""
+    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""), cpu)
+
+
 def dispatch_depth(backend: str) -> int:
     """Train steps the host may dispatch before waiting for the oldest. XLA's CPU collectives
     deadlocked with unbounded dispatch (see metrics.Accumulator); accelerators need a step or

@@ -323,7 +323,7 @@ def main(argv: list[str]) -> None:
     from alexnet_jax import cluster
 
     # The XLA flags launch.py runs with, before any backend starts.
-    os.environ["XLA_FLAGS"] = cluster.xla_flags(os.environ.get("XLA_FLAGS", ""))
+    cluster.set_xla_flags()
     frameworks = [f.strip() for f in _FRAMEWORKS.value]
     unknown = set(frameworks) - set(NAMES)
     if unknown or "jax" not in frameworks:

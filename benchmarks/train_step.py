@@ -207,9 +207,7 @@ def main(argv: list[str]) -> None:
     from alexnet_jax import cluster
 
     # The XLA flags launch.py runs with, before any backend starts.
-    os.environ["XLA_FLAGS"] = cluster.xla_flags(
-        os.environ.get("XLA_FLAGS", ""), cpu=not FLAGS.ynnpack
-    )
+    cluster.set_xla_flags(cpu=not FLAGS.ynnpack)
 
     # Only the CPU backend reads this: on GPU/TPU the real devices are used.
     wanted = FLAGS.devices or max(config.mesh.data, 1) * config.mesh.model
