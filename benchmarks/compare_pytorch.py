@@ -150,6 +150,8 @@ class TFStep:
         self.forward = tf.function(lambda x: self._forward(x, False), jit_compile=jit_compile)
 
     def _forward(self, x, train: bool):
+        from alexnet_jax import ops
+
         tf = self.tf
         for spec in self.convs:
             k, b = self.vars[(spec.name, "kernel")], self.vars[(spec.name, "bias")]
@@ -163,7 +165,9 @@ class TFStep:
             if spec.lrn and self.paper:  # paper section 3.3 within each tower
                 x = tf.concat(
                     [
-                        tf.nn.local_response_normalization(t, 2, 2.0, 1e-4, 0.75)
+                        tf.nn.local_response_normalization(
+                            t, ops.LRN_N // 2, ops.LRN_K, ops.LRN_ALPHA, ops.LRN_BETA
+                        )
                         for t in tf.split(x, self.towers, -1)
                     ],
                     -1,
