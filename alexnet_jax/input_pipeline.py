@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import ml_collections
@@ -24,7 +25,7 @@ from etils import epath
 from alexnet_jax.errors import UsageError
 from alexnet_jax.sources import Source, Split
 
-AUTOTUNE = tf.data.AUTOTUNE
+PREFETCH_BATCHES = 2  # batches a stream prepares ahead of the loop (the host's share)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +269,8 @@ def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
         pixels = tf.reshape(square, [-1, 3]) / 255.0
         return square, tf.matmul(pixels, pixels, transpose_a=True)
 
-    ds = split.epoch(0, 0, 0).take(max_images).map(moments, AUTOTUNE)
+    ds = split.epoch(0, 0, 0).take(max_images).map(moments, _parallelism(None))
+    ds = _threads(ds, None)
     total, outer, count = np.zeros((resize_size, resize_size, 3)), np.zeros((3, 3)), 0
     for s, o in iterate(ds, split):  # an undecodable image is named, not a TF traceback
         total, outer, count = total + s, outer + o, count + 1
@@ -325,7 +327,11 @@ def get_stats(
 
 
 def _process_rows(
-    ds: tf.data.Dataset, batch: int, rows: Sequence[int] | None, fetch: Callable
+    ds: tf.data.Dataset,
+    batch: int,
+    rows: Sequence[int] | None,
+    fetch: Callable,
+    threads: int | None,
 ) -> tf.data.Dataset:
     """These rows of every whole global batch (all when None), read with one `fetch` call per
     batch, before decoding: each process reads and decodes only what its devices hold, and
@@ -334,16 +340,25 @@ def _process_rows(
     if rows is not None and len(rows) < batch:
         rows = tf.constant(rows, tf.int64)
         ds = ds.map(lambda *x: tf.nest.map_structure(lambda t: tf.gather(t, rows), x))
-    return ds.map(fetch, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
+    parallel = _parallelism(threads)
+    return ds.map(fetch, num_parallel_calls=parallel, deterministic=True).unbatch()
+
+
+def _parallelism(threads: int | None) -> int:
+    """Calls in flight per parallel map: one per thread of the stream's pool."""
+    return threads or os.cpu_count() or 1
 
 
 def _threads(ds: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
-    """Run `ds` on a pool of `threads` (None: tf.data's default, every core of the host)."""
-    if threads is None:
-        return ds
+    """Run `ds` on a pool of `threads` (None: tf.data's default, every core of the host), with
+    tf.data's autotuner off: destroying an iterator waits for the autotuner's thread, and at
+    the end of a stream that wait took 28-36 s in some runs (one digits demo in eight here),
+    all of it inside the loop's last `next`. Parallelism and buffers are set explicitly."""
     options = tf.data.Options()
-    options.threading.private_threadpool_size = threads
-    options.threading.max_intra_op_parallelism = 1  # parallelism comes from the map, not ops
+    options.autotune.enabled = False
+    if threads is not None:
+        options.threading.private_threadpool_size = threads
+        options.threading.max_intra_op_parallelism = 1  # parallelism comes from the map, not ops
     return ds.with_options(options)
 
 
@@ -368,7 +383,8 @@ def train_dataset(
     for e in range(epoch0 + 1, last_epoch + 1):
         ds = ds.concatenate(source.train.epoch(e, seed, 0))
     ds = ds.enumerate(start=first)
-    ds = _process_rows(ds, batch_size, rows, lambda g, keys: (g, source.train.fetch(keys)))
+    fetch = lambda g, keys: (g, source.train.fetch(keys))
+    ds = _process_rows(ds, batch_size, rows, fetch, threads)
 
     # JPEGs stored at the resize size (the paper's 256) decode only their crop window.
     crop_only = source.stored_size == preprocess.resize_size and source.train.jpeg is not None
@@ -381,9 +397,9 @@ def train_dataset(
         image, label = source.train.unpack(record)
         return {**train_preprocess(image, example_seed, preprocess), "labels": label}
 
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(prepare, num_parallel_calls=_parallelism(threads), deterministic=True)
     ds = ds.batch(batch_size if rows is None else len(rows), drop_remainder=True)
-    return _threads(ds.take(num_steps - start_step).prefetch(AUTOTUNE), threads)
+    return _threads(ds.take(num_steps - start_step).prefetch(PREFETCH_BATCHES), threads)
 
 
 def eval_dataset(
@@ -400,7 +416,7 @@ def eval_dataset(
     real = split.epoch(0, 0, 0).map(lambda key: (key, 1.0))
     ds = real.concatenate(tf.data.Dataset.from_tensors((split.pad_key, 0.0)).repeat(batch_size - 1))
     fetch = lambda g, example: (g, (split.fetch(example[0]), example[1]))
-    ds = _process_rows(ds.enumerate(), batch_size, rows, fetch)
+    ds = _process_rows(ds.enumerate(), batch_size, rows, fetch, threads)
 
     def prepare(g, example):
         record, weight = example
@@ -411,9 +427,10 @@ def eval_dataset(
         )
         return {**eval_preprocess(image, preprocess), "labels": label, "weights": weight}
 
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(prepare, num_parallel_calls=_parallelism(threads), deterministic=True)
     local = batch_size if rows is None else len(rows)
-    return _threads(ds.batch(local, drop_remainder=True).prefetch(AUTOTUNE), threads)
+    ds = ds.batch(local, drop_remainder=True).prefetch(PREFETCH_BATCHES)
+    return _threads(ds, threads)
 
 
 def iterate(ds: tf.data.Dataset, split: Split) -> Iterator[dict[str, np.ndarray]]:
@@ -448,7 +465,7 @@ def undecodable(split: Split) -> list[int]:
     """The keys of every example of a random-access `split` that fails to decode: a parallel
     decoding pass that drops the failures, then the difference."""
     decodes = lambda key: (key, tf.shape(split.decode(key)[0]))
-    ds = split.epoch(0, 0, 0).map(decodes, num_parallel_calls=AUTOTUNE)
+    ds = _threads(split.epoch(0, 0, 0).map(decodes, num_parallel_calls=_parallelism(None)), None)
     good = {int(k) for k, _ in ds.ignore_errors().as_numpy_iterator()}
     return sorted(set(range(split.size)) - good)
 
