@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from alexnet_jax import cluster
+
 
 def run_json(script, *args):
     """benchmarks/`script` with `args` in a subprocess: the JSON object it printed last."""
@@ -46,9 +48,29 @@ def test_the_train_step_benchmark_prints_its_json(mesh):
     assert 1e8 < out["flops_per_step_analytic"] < 1e9 and out["flops_per_step_xla"] > 0
     assert out["mfu"] == pytest.approx(out["flops_per_sec_analytic"] / 1e12)
     assert out["peak_from"] == "--peak_flops" and out["compile_seconds"] > 0
-    assert out["plain_ops"] == [] and "--xla_cpu_experimental_ynn_fusion_type=" in out["xla_flags"]
+    assert out["plain_ops"] == [] and cluster.CPU_XLA_FLAGS[0] in out["xla_flags"]
     mem = out["memory_bytes_per_device"]
     assert mem["peak"] == mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
+
+
+def test_the_matmul_peak_times_both_cpu_dot_libraries(monkeypatch):
+    """On the CPU the peak is the better of YNNPACK's dots and XLA's own: both are compiled."""
+    import jax
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_step import matmul_peak
+
+    options = []
+    compile_ = jax.stages.Lowered.compile
+
+    def compile(self, compiler_options=None, **kw):
+        options.append(compiler_options)
+        return compile_(self, compiler_options=compiler_options, **kw)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compile)
+    peak = matmul_peak("float32", n=128)
+    assert options == [None, {"xla_cpu_experimental_ynn_fusion_type": ""}]
+    assert 1e8 < peak < 1e14  # 2 * 128^3 FLOPs take between 40 ns and 40 ms
 
 
 @pytest.mark.slow  # the full-size paper model in three frameworks, in a subprocess
