@@ -17,6 +17,10 @@ devices.
 Ablations, one per run: --plain_ops=lrn,pool traces LRN and max-pooling with their plain
 definitions (ops.plain); --ynnpack leaves XLA's default CPU convolutions and dots (YNNPACK's)
 in place of cluster.CPU_XLA_FLAGS.
+
+A/B in one process: --against='{"xla_cpu_experimental_ynn_fusion_type": ""}' (XLA compiler
+options, JSON) and/or --against_plain_ops=lrn compile the step a second time and time the two
+in --rounds interleaved rounds (default 5 of 2 timed steps each), printing the ratio per round.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ def _define_flags() -> None:
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.DEFINE_list("plain_ops", [], "Ablation: trace these ops (lrn, pool) plainly.")
     flags.DEFINE_bool("ynnpack", False, "Ablation: XLA's default CPU convolutions (YNNPACK).")
+    flags.DEFINE_string(
+        "against",
+        None,
+        'A/B: XLA compiler options as JSON (e.g. \'{"xla_cpu_experimental_ynn_fusion_type": ""}\')'
+        " for a second compile of the step, timed interleaved with the first.",
+    )
+    flags.DEFINE_list("against_plain_ops", [], "A/B: trace these ops plainly in the second.")
+    flags.DEFINE_integer("rounds", 5, "A/B: interleaved rounds of --steps timed steps each.")
     flags.mark_flags_as_required(["config"])
 
 
@@ -187,6 +199,79 @@ def measure(
     }
 
 
+def interleaved(
+    config,
+    options: dict,
+    plain_ops: tuple[str, ...] = (),
+    rounds: int = 5,
+    steps: int = 2,
+) -> dict:
+    """The step compiled twice, as measure() does ("baseline") and with XLA compiler `options`
+    and `plain_ops` ("variant"), timed in interleaved rounds: each round runs one untimed and
+    `steps` timed steps of the baseline, then of the variant. Speed on this machine drifts by
+    tens of percent within minutes, so a change is judged by the ratio within each round."""
+    import jax
+
+    from alexnet_jax import ops, parallel, train
+
+    config = train.resolve_batch_size(config, jax.device_count())
+    train.check_config(config, jax.device_count(), jax.process_count())
+    mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
+    runs = {}
+    for name, opts, plain in (("baseline", None, ()), ("variant", options or None, plain_ops)):
+        trainer = train.Trainer(config, mesh)
+        state = trainer.init_state(config.seed)
+        batch, consts = synthetic_batch(config, mesh, trainer)
+        sums = trainer.zero_sums()
+        with ops.plain(*plain):
+            lowered = trainer.train_step.lower(state, batch, sums, consts)
+        runs[name] = [lowered.compile(compiler_options=opts), state, batch, sums, consts]
+    rates = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            compiled, state, batch, sums, consts = run
+            times = []
+            for _ in range(1 + steps):
+                start = time.perf_counter()
+                state, out = compiled(state, batch, sums, consts)
+                jax.block_until_ready(out)
+                times.append(time.perf_counter() - start)
+            run[1] = state
+            rates[name].append(config.batch_size * steps / sum(times[1:]))
+    ratios = np.array(rates["variant"]) / np.array(rates["baseline"])
+    return {
+        "mesh": dict(mesh.shape),
+        "variant": config.model.variant,
+        "batch_size": config.batch_size,
+        "compiler_options": options,
+        "plain_ops": sorted(plain_ops),
+        "images_per_sec_baseline": rates["baseline"],
+        "images_per_sec_variant": rates["variant"],
+        "ratios": ratios.tolist(),
+        "ratio_median": float(np.median(ratios)),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def ab_table(r: dict) -> str:
+    f = lambda v: ", ".join(f"{x:.1f}" for x in v)
+    change = [json.dumps(r["compiler_options"]) if r["compiler_options"] else ""]
+    change += [f"plain ops {', '.join(r['plain_ops'])}"] if r["plain_ops"] else []
+    return "\n".join(
+        [
+            f"train step A/B: {r['variant']} model, global batch {r['batch_size']}, "
+            f"mesh {r['mesh']}; variant: {'; '.join(c for c in change if c)}",
+            f"baseline images/s   {np.median(r['images_per_sec_baseline']):.1f} "
+            f"(rounds: {f(r['images_per_sec_baseline'])})",
+            f"variant images/s    {np.median(r['images_per_sec_variant']):.1f} "
+            f"(rounds: {f(r['images_per_sec_variant'])})",
+            f"variant / baseline  {r['ratio_median']:.3f} (median of the rounds: "
+            f"{', '.join(f'{x:.2f}' for x in r['ratios'])})",
+            f"XLA_FLAGS           {r['xla_flags']}",
+        ]
+    )
+
+
 def table(r: dict) -> str:
     g = lambda x: f"{x / 1e9:,.1f} G"
     rows = [
@@ -225,10 +310,20 @@ def main(argv: list[str]) -> None:
     from alexnet_jax import UsageError
 
     try:
+        if FLAGS.against is not None:
+            options = json.loads(FLAGS.against)
+            if not isinstance(options, dict):
+                raise UsageError(f"--against={FLAGS.against!r} must be a JSON object of options.")
+            steps = FLAGS["steps"].value if FLAGS["steps"].present else 2
+            result = interleaved(
+                config, options, tuple(FLAGS.against_plain_ops), FLAGS.rounds, steps
+            )
+            print(json.dumps(result) if FLAGS.json else ab_table(result))
+            return
         result = measure(
             config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_flops, tuple(FLAGS.plain_ops)
         )
-    except UsageError as e:
+    except (UsageError, json.JSONDecodeError) as e:
         print(f"train_step.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result) if FLAGS.json else table(result))

@@ -53,6 +53,46 @@ def test_the_train_step_benchmark_prints_its_json(mesh):
     assert mem["peak"] == mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
 
 
+@pytest.mark.slow  # compiles and times the real step twice in a subprocess
+def test_the_train_step_benchmark_compares_two_compiles_interleaved():
+    out = run_json(
+        "train_step.py",
+        f"--config={REPO / 'configs/digits.py'}",
+        "--config.model.width=0.125",
+        "--config.input.image_size=67",
+        "--config.input.resize_size=72",
+        "--config.batch_size=16",
+        "--config.mesh.data=1",
+        '--against={"xla_cpu_experimental_ynn_fusion_type": ""}',
+        "--against_plain_ops=lrn",
+        "--rounds=3",
+    )
+    assert out["compiler_options"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert out["plain_ops"] == ["lrn"] and out["mesh"] == {"data": 1, "model": 1}
+    base, variant = (
+        np.array(out["images_per_sec_baseline"]),
+        np.array(out["images_per_sec_variant"]),
+    )
+    assert len(base) == len(variant) == 3 and (base > 0).all() and (variant > 0).all()
+    np.testing.assert_allclose(out["ratios"], variant / base)
+    assert out["ratio_median"] == pytest.approx(np.median(variant / base))
+
+
+def test_the_train_step_benchmark_refuses_options_that_are_not_an_object():
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "train_step.py"),
+            f"--config={REPO / 'configs/digits.py'}",
+            "--against=[1, 2]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "must be a JSON object" in r.stderr, r.stderr[-2000:]
+
+
 def test_the_matmul_peak_times_both_cpu_dot_libraries(monkeypatch):
     """On the CPU the peak is the better of YNNPACK's dots and XLA's own: both are compiled."""
     import jax
