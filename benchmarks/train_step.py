@@ -239,12 +239,14 @@ def interleaved(
             run[1] = state
             rates[name].append(config.batch_size * steps / sum(times[1:]))
     ratios = np.array(rates["variant"]) / np.array(rates["baseline"])
+    programs = [run[0].as_text() for run in runs.values()]
     return {
         "mesh": dict(mesh.shape),
         "variant": config.model.variant,
         "batch_size": config.batch_size,
         "compiler_options": options,
         "plain_ops": sorted(plain_ops),
+        "programs_differ": programs[0] != programs[1],  # False: the variant changed nothing
         "images_per_sec_baseline": rates["baseline"],
         "images_per_sec_variant": rates["variant"],
         "ratios": ratios.tolist(),
@@ -269,6 +271,7 @@ def ab_table(r: dict) -> str:
             f"{', '.join(f'{x:.2f}' for x in r['ratios'])})",
             f"XLA_FLAGS           {r['xla_flags']}",
         ]
+        + ([] if r["programs_differ"] else ["(the two compiled programs are the same)"])
     )
 
 
