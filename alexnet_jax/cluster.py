@@ -30,7 +30,7 @@ GPU_XLA_FLAGS = (
 CPU_XLA_FLAGS = (
     # XLA's CPU backend hands convolutions and dots to YNNPACK by default. Its own Eigen
     # convolutions ran the paper model's train step 1.4x faster (conv1's weight gradient 4x),
-    # and YNNPACK's dots for the dense layers a further 1.06x (README, "Speed of the train
+    # and YNNPACK's dots for the dense layers a further 1.04x (README, "Speed of the train
     # step"): YNNPACK takes the dots only.
     "--xla_cpu_experimental_ynn_fusion_type=dot",
 )

@@ -127,6 +127,34 @@ def synthetic_batch(config, mesh, trainer):
     return parallel.global_batch(mesh, local, b), trainer.input_constants(preprocess)
 
 
+def _checked(config):
+    """The config with its batch size resolved and checked, and its mesh."""
+    import jax
+
+    from alexnet_jax import parallel, train
+
+    config = train.resolve_batch_size(config, jax.device_count())
+    train.check_config(config, jax.device_count(), jax.process_count())
+    return config, parallel.create_mesh(config.mesh.data, config.mesh.model)
+
+
+def _program(config, mesh, plain_ops: tuple[str, ...] = (), options: dict | None = None):
+    """The compiled step (`plain_ops` traced plainly, XLA compiler `options`), its Trainer,
+    a fresh state, a synthetic batch with its constants and zero sums, and the seconds that
+    tracing and compiling took."""
+    from alexnet_jax import ops, train
+
+    trainer = train.Trainer(config, mesh)
+    state = trainer.init_state(config.seed)
+    batch, consts = synthetic_batch(config, mesh, trainer)
+    sums = trainer.zero_sums()
+    start = time.perf_counter()
+    with ops.plain(*plain_ops):
+        lowered = trainer.train_step.lower(state, batch, sums, consts)
+    compiled = lowered.compile(compiler_options=options or None)
+    return compiled, trainer, state, batch, sums, consts, time.perf_counter() - start
+
+
 def measure(
     config,
     steps: int = 10,
@@ -136,20 +164,10 @@ def measure(
 ) -> dict:
     import jax
 
-    from alexnet_jax import ops, parallel, report, train
+    from alexnet_jax import report
 
-    config = train.resolve_batch_size(config, jax.device_count())
-    train.check_config(config, jax.device_count(), jax.process_count())
-    mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
-    trainer = train.Trainer(config, mesh)
-    state = trainer.init_state(config.seed)
-    batch, consts = synthetic_batch(config, mesh, trainer)
-    sums = trainer.zero_sums()
-
-    start = time.perf_counter()
-    with ops.plain(*plain_ops):
-        compiled = trainer.train_step.lower(state, batch, sums, consts).compile()
-    compile_s = time.perf_counter() - start
+    config, mesh = _checked(config)
+    compiled, trainer, state, batch, sums, consts, compile_s = _program(config, mesh, plain_ops)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     devices = mesh.devices.size
@@ -207,38 +225,30 @@ def interleaved(
     steps: int = 2,
 ) -> dict:
     """The step compiled twice, as measure() does ("baseline") and with XLA compiler `options`
-    and `plain_ops` ("variant"), timed in interleaved rounds: each round runs one untimed and
-    `steps` timed steps of the baseline, then of the variant. Speed on this machine drifts by
+    and `plain_ops` ("against"), timed in interleaved rounds: each round runs one untimed and
+    `steps` timed steps of the baseline, then of the other. Speed on this machine drifts by
     tens of percent within minutes, so a change is judged by the ratio within each round."""
     import jax
 
-    from alexnet_jax import ops, parallel, train
-
-    config = train.resolve_batch_size(config, jax.device_count())
-    train.check_config(config, jax.device_count(), jax.process_count())
-    mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
+    config, mesh = _checked(config)
     runs = {}
-    for name, opts, plain in (("baseline", None, ()), ("variant", options or None, plain_ops)):
-        trainer = train.Trainer(config, mesh)
-        state = trainer.init_state(config.seed)
-        batch, consts = synthetic_batch(config, mesh, trainer)
-        sums = trainer.zero_sums()
-        with ops.plain(*plain):
-            lowered = trainer.train_step.lower(state, batch, sums, consts)
-        runs[name] = [lowered.compile(compiler_options=opts), state, batch, sums, consts]
+    # One call site for both: the programs then differ only by what the change does (source
+    # locations are part of the compiled program's text, compared below).
+    for name, plain, opts in (("baseline", (), None), ("against", plain_ops, options)):
+        runs[name] = list(_program(config, mesh, plain, opts))
     rates = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
-            compiled, state, batch, sums, consts = run
+            compiled, _, state, batch, sums, consts, _ = run
             times = []
             for _ in range(1 + steps):
                 start = time.perf_counter()
                 state, out = compiled(state, batch, sums, consts)
                 jax.block_until_ready(out)
                 times.append(time.perf_counter() - start)
-            run[1] = state
+            run[2] = state
             rates[name].append(config.batch_size * steps / sum(times[1:]))
-    ratios = np.array(rates["variant"]) / np.array(rates["baseline"])
+    ratios = np.array(rates["against"]) / np.array(rates["baseline"])
     programs = [run[0].as_text() for run in runs.values()]
     return {
         "mesh": dict(mesh.shape),
@@ -246,10 +256,10 @@ def interleaved(
         "batch_size": config.batch_size,
         "compiler_options": options,
         "plain_ops": sorted(plain_ops),
-        "programs_differ": programs[0] != programs[1],  # False: the variant changed nothing
+        "programs_differ": programs[0] != programs[1],  # False: the change did nothing
         "images_per_sec_baseline": rates["baseline"],
-        "images_per_sec_variant": rates["variant"],
-        "ratios": ratios.tolist(),
+        "images_per_sec_against": rates["against"],
+        "ratios": ratios.tolist(),  # against / baseline, per round
         "ratio_median": float(np.median(ratios)),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
@@ -262,12 +272,12 @@ def ab_table(r: dict) -> str:
     return "\n".join(
         [
             f"train step A/B: {r['variant']} model, global batch {r['batch_size']}, "
-            f"mesh {r['mesh']}; variant: {'; '.join(c for c in change if c)}",
+            f"mesh {r['mesh']}; against: {'; '.join(c for c in change if c)}",
             f"baseline images/s   {np.median(r['images_per_sec_baseline']):.1f} "
             f"(rounds: {f(r['images_per_sec_baseline'])})",
-            f"variant images/s    {np.median(r['images_per_sec_variant']):.1f} "
-            f"(rounds: {f(r['images_per_sec_variant'])})",
-            f"variant / baseline  {r['ratio_median']:.3f} (median of the rounds: "
+            f"against images/s    {np.median(r['images_per_sec_against']):.1f} "
+            f"(rounds: {f(r['images_per_sec_against'])})",
+            f"against / baseline  {r['ratio_median']:.3f} (median of the rounds: "
             f"{', '.join(f'{x:.2f}' for x in r['ratios'])})",
             f"XLA_FLAGS           {r['xla_flags']}",
         ]
