@@ -136,6 +136,25 @@ def test_xla_flags_add_ours_and_keep_the_users():
     assert cluster.dispatch_depth("cpu") == 1 and cluster.dispatch_depth("gpu") > 1
 
 
+def test_on_the_cpu_ynnpack_runs_the_dots_and_not_the_convolutions():
+    """The flags conftest.py set as launch.py does: dense layers' dots go to YNNPACK, the
+    convolutions stay with XLA's own kernels (see cluster.CPU_XLA_FLAGS)."""
+    import re
+
+    import jax.numpy as jnp
+
+    def fusions(f, *args) -> list[str]:
+        text = jax.jit(f).lower(*args).compile().as_text()
+        return re.findall(r'"kind":"(__ynn_fusion)"', text)
+
+    x, k = jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 4))
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    a = jnp.ones((64, 256))
+    assert fusions(lambda a: jnp.maximum(a @ a.T, 0.0), a) and not fusions(conv, x, k)
+
+
 # --------------------------------------------------------------------------------- workdirs
 
 
