@@ -155,6 +155,21 @@ def _program(config, mesh, plain_ops: tuple[str, ...] = (), options: dict | None
     return compiled, trainer, state, batch, sums, consts, time.perf_counter() - start
 
 
+def _timed_steps(compiled, state, batch, sums, consts, warmup: int, steps: int):
+    """The state after `warmup` untimed and `steps` timed steps, each waited for, and the
+    timed steps' seconds."""
+    import jax
+
+    times = []
+    for k in range(warmup + steps):
+        start = time.perf_counter()
+        state, out = compiled(state, batch, sums, consts)
+        jax.block_until_ready(out)
+        if k >= warmup:
+            times.append(time.perf_counter() - start)
+    return state, times
+
+
 def measure(
     config,
     steps: int = 10,
@@ -172,13 +187,7 @@ def measure(
     cost = cost[0] if isinstance(cost, list) else cost
     devices = mesh.devices.size
 
-    times = []
-    for k in range(warmup + steps):
-        start = time.perf_counter()
-        state, out = compiled(state, batch, sums, consts)
-        jax.block_until_ready(out)
-        if k >= warmup:
-            times.append(time.perf_counter() - start)
+    state, times = _timed_steps(compiled, state, batch, sums, consts, warmup, steps)
     b = config.batch_size
     rates = b / np.array(times)
     median_s = float(np.median(times))
@@ -228,7 +237,6 @@ def interleaved(
     and `plain_ops` ("against"), timed in interleaved rounds: each round runs one untimed and
     `steps` timed steps of the baseline, then of the other. Speed on this machine drifts by
     tens of percent within minutes, so a change is judged by the ratio within each round."""
-    import jax
 
     config, mesh = _checked(config)
     runs = {}
@@ -240,14 +248,8 @@ def interleaved(
     for _ in range(rounds):
         for name, run in runs.items():
             compiled, _, state, batch, sums, consts, _ = run
-            times = []
-            for _ in range(1 + steps):
-                start = time.perf_counter()
-                state, out = compiled(state, batch, sums, consts)
-                jax.block_until_ready(out)
-                times.append(time.perf_counter() - start)
-            run[2] = state
-            rates[name].append(config.batch_size * steps / sum(times[1:]))
+            run[2], times = _timed_steps(compiled, state, batch, sums, consts, 1, steps)
+            rates[name].append(config.batch_size * steps / sum(times))
     ratios = np.array(rates["against"]) / np.array(rates["baseline"])
     programs = [run[0].as_text() for run in runs.values()]
     return {
