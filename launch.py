@@ -145,7 +145,7 @@ def main(argv: list[str]) -> None:
     from alexnet_jax import UsageError, cluster
 
     # Before anything starts a backend: XLA reads its flags once.
-    cluster.set_xla_flags()
+    cluster.prepare_backend()
     import jax
 
     from alexnet_jax import train

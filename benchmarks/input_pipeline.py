@@ -155,7 +155,7 @@ def main(argv: list[str]) -> None:
     from alexnet_jax import cluster
 
     # The XLA flags launch.py runs with, before any backend starts (the step rate).
-    cluster.set_xla_flags()
+    cluster.prepare_backend()
 
     from alexnet_jax import input_pipeline as ip
     from alexnet_jax import paper256, sources

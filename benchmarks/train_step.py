@@ -16,7 +16,8 @@ devices.
 
 Ablations, one per run: --plain_ops=lrn,pool traces LRN and max-pooling with their plain
 definitions (ops.plain); --ynnpack leaves XLA's default CPU convolutions and dots (YNNPACK's)
-in place of cluster.CPU_XLA_FLAGS.
+in place of cluster.CPU_XLA_FLAGS; --system_malloc leaves glibc's malloc as it comes
+(without cluster.keep_freed_memory).
 
 A/B in one process: --against='{"xla_cpu_experimental_ynn_fusion_type": ""}' (XLA compiler
 options, JSON) and/or --against_plain_ops=lrn compile the step a second time and time the two
@@ -39,6 +40,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
+_KEPT = False  # whether main() set cluster.keep_freed_memory
 
 
 def _define_flags() -> None:
@@ -51,6 +53,9 @@ def _define_flags() -> None:
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.DEFINE_list("plain_ops", [], "Ablation: trace these ops (lrn, pool) plainly.")
     flags.DEFINE_bool("ynnpack", False, "Ablation: XLA's default CPU convolutions (YNNPACK).")
+    flags.DEFINE_bool(
+        "system_malloc", False, "Ablation: glibc's malloc as it comes (no keep_freed_memory)."
+    )
     flags.DEFINE_string(
         "against",
         None,
@@ -223,6 +228,7 @@ def measure(
         "memory_bytes_per_device": mem,
         "plain_ops": sorted(plain_ops),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "freed_memory_kept": _KEPT,
     }
 
 
@@ -305,6 +311,7 @@ def table(r: dict) -> str:
         + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in r["memory_bytes_per_device"].items()),
         f"plain ops           {', '.join(r['plain_ops']) or 'none'}",
         f"XLA_FLAGS           {r['xla_flags']}",
+        f"host malloc         {'keeps freed memory' if r['freed_memory_kept'] else 'as it comes'}",
     ]
     return "\n".join(rows)
 
@@ -316,8 +323,9 @@ def main(argv: list[str]) -> None:
 
     from alexnet_jax import cluster
 
-    # The XLA flags launch.py runs with, before any backend starts.
-    cluster.set_xla_flags(cpu=not FLAGS.ynnpack)
+    # The XLA flags and malloc settings launch.py runs with, before any backend starts.
+    global _KEPT
+    _KEPT = cluster.prepare_backend(cpu_flags=not FLAGS.ynnpack, cpu_malloc=not FLAGS.system_malloc)
 
     # Only the CPU backend reads this: on GPU/TPU the real devices are used.
     wanted = FLAGS.devices or max(config.mesh.data, 1) * config.mesh.model

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 from alexnet_jax import cluster  # noqa: E402
 
 # The XLA flags launch.py runs with, before any backend starts.
-cluster.set_xla_flags()
+cluster.prepare_backend()
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any device is touched
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -155,6 +155,68 @@ def test_on_the_cpu_ynnpack_runs_the_dots_and_not_the_convolutions():
     assert fusions(lambda a: jnp.maximum(a @ a.T, 0.0), a) and not fusions(conv, x, k)
 
 
+_FAULTS = """
+import resource, sys
+sys.path[:0] = ["benchmarks", "."]
+from alexnet_jax import cluster
+kept = cluster.prepare_backend(cpu_malloc=sys.argv[1] == "kept")
+import jax
+from alexnet_jax import parallel, train
+from configs import alexnet
+from train_step import synthetic_batch
+config = alexnet.get_config()
+config.batch_size, config.mesh.data, config.mesh.model = 16, 1, 1
+mesh = parallel.create_mesh(1, 1)
+trainer = train.Trainer(config, mesh)
+state, sums = trainer.init_state(0), trainer.zero_sums()
+batch, consts = synthetic_batch(config, mesh, trainer)
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    state, out = trainer.train_step(state, batch, sums, consts)
+    jax.block_until_ready(out)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, sum(faults[2:]), float(out["loss"]), float(state.params["fc8"]["kernel"].sum()))
+"""
+
+
+def _faults(malloc: str) -> tuple[str, int, str, str]:
+    """Page faults in steps 3-10 of the paper model's real step at batch 16, and the last
+    step's loss and a parameter sum."""
+    r = subprocess.run(
+        [sys.executable, "-c", _FAULTS, malloc], capture_output=True, text=True, cwd=REPO
+    )
+    assert r.returncode == 0, r.stderr
+    kept, faults, loss, fc8 = r.stdout.split()
+    return kept, int(faults), loss, fc8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only"
+)
+def test_on_the_cpu_the_step_reuses_freed_memory_instead_of_faulting_it_in():
+    """XLA's CPU backend allocates each run's buffers anew; with glibc as it comes, the large
+    ones are fresh mmaps whose pages fault in on every step (about 120,000 a step here);
+    keep_freed_memory lets the next step reuse them (now and then glibc still grows its heap
+    for one step)."""
+    system, kept = _faults("system"), _faults("kept")
+    assert system[0] == "False" and kept[0] == "True"
+    assert system[1] > 8 * 50_000  # the test can tell: every step faulted its buffers in
+    assert kept[1] < system[1] / 4
+    assert kept[2:] == system[2:]  # the same steps, to the bit
+
+
+def test_malloc_is_kept_only_where_jax_computes_on_the_cpu(monkeypatch):
+    assert cluster.runs_on_cpu({"JAX_PLATFORMS": "cpu"})
+    assert not cluster.runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not cluster.runs_on_cpu({"JAX_PLATFORMS": "tpu"})
+    monkeypatch.setattr(cluster.metadata, "entry_points", lambda group: ["xla_cuda12"])
+    assert not cluster.runs_on_cpu({})  # an accelerator plugin installed
+    monkeypatch.setattr(cluster.metadata, "entry_points", lambda group: [])
+    assert cluster.runs_on_cpu({})
+
+
 # --------------------------------------------------------------------------------- workdirs
 
 
