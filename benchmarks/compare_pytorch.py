@@ -15,10 +15,17 @@ on one device, fed uint8 crops that it normalises on the device), the others tak
 float images. Every round times --steps steps of each framework in turn (A B C D, A B C D, ...),
 after --settle untimed ones, so a slow spell of the machine falls on all of them; the ratios
 are per round.
+
+Ours runs in this process, set up as launch.py sets it up (cluster.prepare_backend: its XLA
+flags, and glibc's malloc keeping freed memory for XLA's CPU buffers); each other framework
+runs in a process of its own, idle while the others run, with glibc's malloc as it comes, as
+its users run it (--others_malloc=kept gives them ours). Sharing one process, the frameworks'
+thread pools and allocations slowed each other.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -41,6 +48,13 @@ _SETTLE = flags.DEFINE_integer(
 )
 _FRAMEWORKS = flags.DEFINE_list(
     "frameworks", "jax,torch,tf,tf_xla", "Which to time: jax, torch, tf, tf_xla."
+)
+_OTHERS_MALLOC = flags.DEFINE_enum(
+    "others_malloc",
+    "system",
+    ["system", "kept"],
+    "The other frameworks' processes: glibc's malloc as it comes, or kept as ours "
+    "(cluster.keep_freed_memory).",
 )
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 
@@ -216,11 +230,71 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def measure(variant: str, batch: int, frameworks: list[str]) -> dict:
-    import jax
-    import tensorflow as tf
+def _timed(step, settle: int, steps: int) -> float:
+    """Seconds of `steps` steps after `settle` untimed ones."""
+    for _ in range(settle):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - start
 
-    tf.config.set_visible_devices([], "GPU")
+
+def _serve(conn, name: str, variant: str, params, x, labels, kept: bool) -> None:
+    """A framework's own process: build its step, then answer the parent's requests."""
+    if kept:
+        from alexnet_jax import cluster
+
+        cluster.keep_freed_memory()
+    if name == "torch":
+        import torch
+
+        step, version = TorchStep(variant, params, x, labels), torch.__version__
+    else:
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+        step, version = TFStep(variant, params, x, labels, name == "tf_xla"), tf.__version__
+    del params
+    conn.send(version)
+    while (request := conn.recv())[0] != "stop":
+        kind, arg = request
+        conn.send(step.logits(arg) if kind == "logits" else _timed(step, *arg))
+
+
+class Remote:
+    """Another framework's step in a process of its own (spawned: its own malloc settings and
+    thread pools), driven over a pipe."""
+
+    def __init__(self, name: str, variant: str, params, x, labels, kept: bool):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        args = (child, name, variant, params, x, labels, kept)
+        self.process = ctx.Process(target=_serve, args=args, daemon=True)
+        self.process.start()
+        child.close()
+        self.version = self.conn.recv()
+
+    def _ask(self, kind: str, arg):
+        self.conn.send((kind, arg))
+        return self.conn.recv()
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self._ask("logits", x)
+
+    def timed(self, settle: int, steps: int) -> float:
+        return self._ask("timed", (settle, steps))
+
+    def close(self) -> None:
+        self.conn.send(("stop", None))
+        self.process.join(timeout=60)
+
+
+def measure(variant: str, batch: int, frameworks: list[str], others_kept: bool) -> dict:
+    import jax
+
     config = _config(variant, batch)
     size = config.input.image_size
     rng = np.random.default_rng(0)
@@ -232,44 +306,38 @@ def measure(variant: str, batch: int, frameworks: list[str]) -> dict:
 
     ours = JaxStep(config)
     params = ours.params()
-    steps = {"jax": ours}
-    if "torch" in frameworks:
-        steps["torch"] = TorchStep(variant, params, x, labels)
-    for name, jit in (("tf", False), ("tf_xla", True)):
-        if name in frameworks:
-            steps[name] = TFStep(variant, params, x, labels, jit)
-    steps = {k: steps[k] for k in frameworks}
+    others = {
+        k: Remote(k, variant, params, x, labels, others_kept) for k in frameworks if k != "jax"
+    }
+    try:
+        # The same function first: logits of a few images from the same weights.
+        probe = x[: min(4, batch)]
+        want = ours.logits(params, probe)
+        agreement = {k: _rel(s.logits(probe), want) for k, s in others.items()}
+        bad = {k: v for k, v in agreement.items() if not v < 1e-4}
+        if bad:
+            raise SystemExit(f"compare_pytorch.py: logits differ from alexnet_jax's: {bad}")
 
-    # The same function first: logits of a few images from the same weights.
-    probe = x[: min(4, batch)]
-    want = ours.logits(params, probe)
-    agreement = {k: _rel(s.logits(probe), want) for k, s in steps.items() if k != "jax"}
-    bad = {k: v for k, v in agreement.items() if not v < 1e-4}
-    if bad:
-        raise SystemExit(f"compare_pytorch.py: logits differ from alexnet_jax's: {bad}")
-
-    for step in steps.values():
-        for _ in range(_WARMUP.value):
-            step()
-    rates = {k: [] for k in steps}
-    for _ in range(_ROUNDS.value):
-        for name, step in steps.items():
-            for _ in range(_SETTLE.value):  # the first step after another framework's is slower
-                step()
-            start = time.perf_counter()
-            for _ in range(_STEPS.value):
-                step()
-            rates[name].append(_STEPS.value * batch / (time.perf_counter() - start))
+        timers = {"jax": lambda settle, n: _timed(ours, settle, n)}
+        timers.update({k: s.timed for k, s in others.items()})
+        timers = {k: timers[k] for k in frameworks}
+        for timer in timers.values():
+            timer(_WARMUP.value, 0)
+        rates = {k: [] for k in timers}
+        for _ in range(_ROUNDS.value):
+            for name, timer in timers.items():
+                # _SETTLE untimed steps: the first step after another framework's is slower.
+                seconds = timer(_SETTLE.value, _STEPS.value)
+                rates[name].append(_STEPS.value * batch / seconds)
+    finally:
+        for other in others.values():
+            other.close()
 
     def spread(values) -> dict:
         v = np.asarray(values)
         return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
 
-    ratios = {
-        f"jax/{k}": spread(np.asarray(rates["jax"]) / np.asarray(rates[k]))
-        for k in steps
-        if k != "jax"
-    }
+    ratios = {f"jax/{k}": spread(np.asarray(rates["jax"]) / np.asarray(rates[k])) for k in others}
     return {
         "variant": variant,
         "batch_size": batch,
@@ -278,26 +346,14 @@ def measure(variant: str, batch: int, frameworks: list[str]) -> dict:
         "settle_steps": _SETTLE.value,
         "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(),
-        "versions": _versions(frameworks),
+        "versions": {"jax": jax.__version__}
+        | {("tensorflow" if k.startswith("tf") else k): s.version for k, s in others.items()},
+        "others_malloc": "kept" if others_kept else "system",
         "logits_relative_difference": agreement,
         "images_per_sec": {k: spread(v) for k, v in rates.items()},
         "images_per_sec_per_round": rates,
         "ratios": ratios,
     }
-
-
-def _versions(frameworks: list[str]) -> dict:
-    import jax
-    import tensorflow as tf
-
-    out = {"jax": jax.__version__}
-    if "torch" in frameworks:
-        import torch
-
-        out["torch"] = torch.__version__
-    if {"tf", "tf_xla"} & set(frameworks):
-        out["tensorflow"] = tf.__version__
-    return out
 
 
 def table(r: dict) -> str:
@@ -326,23 +382,20 @@ def main(argv: list[str]) -> None:
     del argv
     from alexnet_jax import cluster
 
-    # The XLA flags launch.py runs with, before any backend starts.
-    cluster.set_xla_flags()
+    # The XLA flags and malloc settings launch.py runs with, before any backend starts.
+    cluster.prepare_backend()
     frameworks = [f.strip() for f in _FRAMEWORKS.value]
     unknown = set(frameworks) - set(NAMES)
     if unknown or "jax" not in frameworks:
         raise app.UsageError(f"--frameworks: jax and any of {sorted(NAMES)}; got {frameworks}")
-    if "torch" in frameworks:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            print(
-                'compare_pytorch.py: needs PyTorch: pip install -e ".[bench]" (its CPU build), '
-                "or leave torch out of --frameworks.",
-                file=sys.stderr,
-            )
-            sys.exit(2)
-    result = measure(_VARIANT.value, _BATCH.value, frameworks)
+    if "torch" in frameworks and importlib.util.find_spec("torch") is None:
+        print(
+            'compare_pytorch.py: needs PyTorch: pip install -e ".[bench]" (its CPU build), '
+            "or leave torch out of --frameworks.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    result = measure(_VARIANT.value, _BATCH.value, frameworks, _OTHERS_MALLOC.value == "kept")
     print(json.dumps(result) if _JSON.value else table(result))
 
 

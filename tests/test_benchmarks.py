@@ -132,3 +132,4 @@ def test_the_pytorch_comparison_checks_logits_then_times_interleaved_rounds():
     per_round = [a / b for a, b in zip(rounds["jax"], rounds["torch"], strict=True)]
     assert out["ratios"]["jax/torch"]["median"] == pytest.approx(np.median(per_round))
     assert out["versions"]["torch"].startswith("2.")
+    assert out["others_malloc"] == "system"  # each other framework in a process of its own
