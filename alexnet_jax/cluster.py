@@ -56,6 +56,7 @@ def set_xla_flags(cpu: bool = True) -> None:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters
+_keeping = False  # whether keep_freed_memory took
 
 
 def runs_on_cpu(env: Mapping[str, str]) -> bool:
@@ -82,9 +83,16 @@ def keep_freed_memory() -> bool:
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
+    global _keeping
     mallopt = ctypes.CDLL(None).mallopt
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: never
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    _keeping = all(mallopt(param, value) == 1 for param, value in settings)
+    return _keeping
+
+
+def keeping_freed_memory() -> bool:
+    """Whether `keep_freed_memory` took in this process."""
+    return _keeping
 
 
 def prepare_backend(cpu_flags: bool = True, cpu_malloc: bool = True) -> bool:

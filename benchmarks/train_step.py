@@ -40,7 +40,6 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-_KEPT = False  # whether main() set cluster.keep_freed_memory
 
 
 def _define_flags() -> None:
@@ -184,7 +183,7 @@ def measure(
 ) -> dict:
     import jax
 
-    from alexnet_jax import report
+    from alexnet_jax import cluster, report
 
     config, mesh = _checked(config)
     compiled, trainer, state, batch, sums, consts, compile_s = _program(config, mesh, plain_ops)
@@ -228,7 +227,7 @@ def measure(
         "memory_bytes_per_device": mem,
         "plain_ops": sorted(plain_ops),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "freed_memory_kept": _KEPT,
+        "freed_memory_kept": cluster.keeping_freed_memory(),
     }
 
 
@@ -324,8 +323,7 @@ def main(argv: list[str]) -> None:
     from alexnet_jax import cluster
 
     # The XLA flags and malloc settings launch.py runs with, before any backend starts.
-    global _KEPT
-    _KEPT = cluster.prepare_backend(cpu_flags=not FLAGS.ynnpack, cpu_malloc=not FLAGS.system_malloc)
+    cluster.prepare_backend(cpu_flags=not FLAGS.ynnpack, cpu_malloc=not FLAGS.system_malloc)
 
     # Only the CPU backend reads this: on GPU/TPU the real devices are used.
     wanted = FLAGS.devices or max(config.mesh.data, 1) * config.mesh.model

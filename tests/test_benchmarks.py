@@ -2,6 +2,7 @@
 they print, with numbers that hang together."""
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -54,6 +55,8 @@ def test_the_train_step_benchmark_prints_its_json(mesh):
     assert out["mfu"] == pytest.approx(out["flops_per_sec_analytic"] / 1e12)
     assert out["peak_from"] == "--peak_flops" and out["compile_seconds"] > 0
     assert out["plain_ops"] == [] and cluster.CPU_XLA_FLAGS[0] in out["xla_flags"]
+    # launch.py's malloc settings too, where glibc is the C library (cluster.keep_freed_memory)
+    assert out["freed_memory_kept"] == (platform.libc_ver()[0] == "glibc")
     mem = out["memory_bytes_per_device"]
     assert mem["peak"] == mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
 

@@ -3,6 +3,7 @@ refused, XLA flags, and workdirs that are URLs."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import types
@@ -192,9 +193,7 @@ def _faults(malloc: str) -> tuple[str, int, str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only"
-)
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_on_the_cpu_the_step_reuses_freed_memory_instead_of_faulting_it_in():
     """XLA's CPU backend allocates each run's buffers anew; with glibc as it comes, the large
     ones are fresh mmaps whose pages fault in on every step (about 120,000 a step here);
