@@ -104,6 +104,9 @@ class JaxStep:
         self.state, out = self.trainer.train_step(self.state, self.batch, self.sums, self.consts)
         jax.block_until_ready(out)
 
+    def timed(self, settle: int, steps: int) -> float:
+        return _timed(self, settle, steps)
+
 
 class TorchStep:
     """alexnet_jax.torch_alexnet with SGD as torch.optim has it (decay on weights only)."""
@@ -318,16 +321,14 @@ def measure(variant: str, batch: int, frameworks: list[str], others_kept: bool) 
         if bad:
             raise SystemExit(f"compare_pytorch.py: logits differ from alexnet_jax's: {bad}")
 
-        timers = {"jax": lambda settle, n: _timed(ours, settle, n)}
-        timers.update({k: s.timed for k, s in others.items()})
-        timers = {k: timers[k] for k in frameworks}
-        for timer in timers.values():
-            timer(_WARMUP.value, 0)
-        rates = {k: [] for k in timers}
+        steps = {k: others.get(k, ours) for k in frameworks}
+        for step in steps.values():
+            step.timed(_WARMUP.value, 0)
+        rates = {k: [] for k in steps}
         for _ in range(_ROUNDS.value):
-            for name, timer in timers.items():
+            for name, step in steps.items():
                 # _SETTLE untimed steps: the first step after another framework's is slower.
-                seconds = timer(_SETTLE.value, _STEPS.value)
+                seconds = step.timed(_SETTLE.value, _STEPS.value)
                 rates[name].append(_STEPS.value * batch / seconds)
     finally:
         for other in others.values():
