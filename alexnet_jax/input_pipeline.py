@@ -3,9 +3,10 @@ input statistics, train and eval streams. Host side only: yields NumPy batches o
 process's slice of every global batch, either normalised float32 images or (input.
 normalize_on_device) uint8 crops with what device_input.py needs to normalise them.
 
-Every random choice is a stateless op seeded by (seed, global example index), and each epoch's
-order is a permutation seeded by (seed, epoch), so the stream is a function of the seed and the
-position: a run resumed at step s sees exactly the batches an uninterrupted run would.
+Every random choice is a stateless op seeded by (seed, step), drawn for the whole global
+batch (each process takes its rows), and each epoch's order is a permutation seeded by (seed,
+epoch), so the stream is a function of the seed and the position: a run resumed at step s sees
+exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -94,11 +95,13 @@ def _resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(square), 0.0, 255.0), tf.uint8)
 
 
-def lighting_shift(stats: Stats, std: float, seed: tf.Tensor) -> tf.Tensor:
-    """Paper section 4.1: the RGB shift V @ (alpha * lambda), alpha ~ N(0, std), in 0-255."""
-    alpha = tf.random.stateless_normal([3], seed, stddev=std)
+def lighting_shifts(stats: Stats, std: float, seed: tf.Tensor, n: int) -> tf.Tensor:
+    """Paper section 4.1: n RGB shifts V @ (alpha * lambda), alpha ~ N(0, std), in 0-255."""
+    alpha = tf.random.stateless_normal([n, 3], seed, stddev=std)
     eigvec = tf.constant(stats.eigvec, tf.float32)
-    return 255.0 * tf.linalg.matvec(eigvec, alpha * tf.constant(stats.eigval, tf.float32))
+    return 255.0 * tf.matmul(
+        alpha * tf.constant(stats.eigval, tf.float32), eigvec, transpose_b=True
+    )
 
 
 MEANS = ("image", "channel")
@@ -153,69 +156,76 @@ class Preprocess:
         )
 
 
-def _crop_offset(seed: tf.Tensor, full: int, size: int) -> tf.Tensor:
-    """[top, left, 0] of a random size x size window of a full x full image: the offset
-    tf.image.stateless_random_crop draws for `seed`."""
-    limit = tf.constant([full - size + 1, full - size + 1, 1], tf.int32)
-    draw = tf.random.stateless_uniform([3], seed, maxval=tf.int32.max, dtype=tf.int32)
-    return draw % limit
-
-
-def train_preprocess(image: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> dict[str, tf.Tensor]:
-    """Central square, random crop, random mirror, PCA lighting, normalisation (section 4.1)."""
-    crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    image = resize_square(image, p.resize_size)
-    offset = _crop_offset(crop_seed, p.resize_size, p.image_size)
-    image = tf.slice(image, offset, [p.image_size, p.image_size, 3])
-    return _augment(image, offset, flip_seed, light_seed, p)
-
-
-def train_preprocess_jpeg(jpeg: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> dict[str, tf.Tensor]:
-    """`train_preprocess` of a JPEG stored at resize_size x resize_size, decoding only the crop
-    window (several times faster than decoding the whole image). Without fancy chroma
-    upsampling, which reads pixels across the window's edges, the pixels equal those of the
-    whole image decoded the same way (sources.paper256_source) and cropped."""
-    crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    offset = _crop_offset(crop_seed, p.resize_size, p.image_size)
-    window = tf.stack([offset[0], offset[1], p.image_size, p.image_size])
-    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3, fancy_upscaling=False)
-    image = tf.ensure_shape(image, [p.image_size, p.image_size, 3])
-    return _augment(image, offset, flip_seed, light_seed, p)
-
-
-def _augment(
-    image: tf.Tensor, offset: tf.Tensor, flip_seed: tf.Tensor, light_seed: tf.Tensor, p: Preprocess
-) -> dict[str, tf.Tensor]:
-    """Random mirror of a uint8 crop taken at `offset`, then its lighting and normalisation:
-    here, or (p.on_device) on the device from the crop's position, mirror and colour shift."""
-    flip = tf.constant(False)
-    if p.random_flip:  # the draw of tf.image.stateless_random_flip_left_right
-        flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-        image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
-    shift = tf.zeros([3])
+def train_draws(
+    seed: int, step: tf.Tensor, batch_size: int, p: Preprocess
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The random choices for global batch `step`, a row per example: crop offsets [B, 2]
+    (top, left), mirror flags [B] (int32) and lighting shifts [B, 3]. Drawn for the whole
+    global batch from (seed, step) alone, so every process (taking its rows), every mesh and
+    a resumed run see the same; a batch of draws costs what one example's did."""
+    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), step)
+    crop_key, light_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    draw = tf.random.stateless_uniform(
+        [batch_size, 3], crop_key, minval=None, maxval=None, dtype=tf.int32
+    )
+    offsets = draw[:, :2] % (p.resize_size - p.image_size + 1)  # floor mod: nonnegative
+    flips = draw[:, 2] % 2 if p.random_flip else tf.zeros([batch_size], tf.int32)
+    shifts = tf.zeros([batch_size, 3])
     if p.pca_lighting_std > 0:
-        shift = lighting_shift(p.stats, p.pca_lighting_std, light_seed)
-    crop = tf.stack([offset[0], offset[1], tf.cast(flip, tf.int32)])
+        shifts = lighting_shifts(p.stats, p.pca_lighting_std, light_key, batch_size)
+    return offsets, flips, shifts
+
+
+def train_crop(image: tf.Tensor, offset: tf.Tensor, p: Preprocess) -> tf.Tensor:
+    """The uint8 train window at `offset` [2] of a decoded image's central square at the
+    resize size (unmirrored: `normalize` mirrors, here or on the device)."""
+    square = resize_square(image, p.resize_size)
+    return tf.slice(square, tf.concat([offset, [0]], 0), [p.image_size, p.image_size, 3])
+
+
+def train_crop_jpeg(jpeg: tf.Tensor, offset: tf.Tensor, p: Preprocess) -> tf.Tensor:
+    """`train_crop` of a JPEG stored at resize_size x resize_size, decoding only the window
+    (several times faster than decoding the whole image). Without fancy chroma upsampling,
+    which reads pixels across the window's edges, the pixels equal those of the whole image
+    decoded the same way (sources.paper256_source) and cropped."""
+    window = tf.concat([offset, [p.image_size, p.image_size]], 0)
+    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3, fancy_upscaling=False)
+    return tf.ensure_shape(image, [p.image_size, p.image_size, 3])
+
+
+def finish(
+    images: tf.Tensor, offsets: tf.Tensor, flips: tf.Tensor, shifts: tf.Tensor, p: Preprocess
+) -> dict[str, tf.Tensor]:
+    """A batch of uint8 train crops with their mirror, lighting and normalisation: here, or
+    (p.on_device) on the device from each crop's position, mirror flag and colour shift, which
+    keeps the mirroring, too, off the host."""
+    crops = tf.concat([offsets, flips[:, None]], 1)
     if p.on_device:
-        return {"images": image, "crops": crop, "shifts": shift}
-    return {"images": normalize(image, crop, shift, p)}
+        return {"images": images, "crops": crops, "shifts": shifts}
+    return {"images": normalize(images, crops, shifts, p)}
 
 
 def normalize(image: tf.Tensor, crop: tf.Tensor, shift: tf.Tensor, p: Preprocess) -> tf.Tensor:
     """Float32 input of uint8 crops [..., H, W, 3] taken at `crop` [..., 3] = (top, left,
-    mirrored): add the lighting `shift` [..., 3], subtract the mean (the paper's 0-255 units;
-    the mean image's window under each crop) and, optionally, divide by the channel std.
-    device_input.normalize is the same on the device."""
+    mirror): add the lighting `shift` [..., 3], subtract the mean (the paper's 0-255 units;
+    the mean image's window under each crop), optionally divide by the channel std, and
+    mirror the crops so flagged. device_input.normalize is the same on the device."""
+    size = image.shape[-2]
+    flat = tf.reshape(crop, [-1, 3])
+    # Mirrored first, while still uint8 (a quarter of the bytes to move), one crop at a time:
+    # TensorFlow's batched reversals on the CPU (reverse_sequence, a select of reversed and
+    # not) ran several times slower.
+    mirror = lambda c: tf.cond(c[1] > 0, lambda: tf.reverse(c[0], [1]), lambda: c[0])
+    crops = (tf.reshape(image, [-1, size, size, 3]), flat[:, 2])
+    image = tf.reshape(tf.map_fn(mirror, crops, fn_output_signature=image.dtype), tf.shape(image))
     image = tf.cast(image, tf.float32) + shift[..., None, None, :]
     if p.mean == "image":
         mean = tf.constant(p.stats.mean_image, tf.float32)
-        size = image.shape[-2]
 
         def window(c: tf.Tensor) -> tf.Tensor:
             w = tf.slice(mean, [c[0], c[1], 0], [size, size, 3])
             return tf.cond(c[2] > 0, lambda: tf.reverse(w, [1]), lambda: w)
 
-        flat = tf.reshape(crop, [-1, 3])
         windows = tf.map_fn(window, flat, fn_output_signature=tf.float32)
         image = image - tf.reshape(windows, tf.shape(image))
     else:
@@ -232,14 +242,14 @@ def channel_std(stats: Stats) -> np.ndarray:
 
 def ten_crops(square: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
     """The paper's ten patches: four corners and centre, and their mirrors: [10, size, size, 3],
-    with where each was taken, [10, 3] (see `normalize`)."""
+    with where each was taken and whether to mirror it, [10, 3] (the last five are the first
+    five again, mirrored by `normalize`)."""
     full = square.shape[0] if square.shape[0] is not None else tf.shape(square)[0]
     far, mid = full - size, (full - size) // 2
     offsets = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
     crops = [tf.slice(square, [t, left, 0], [size, size, 3]) for t, left in offsets]
-    crops += [tf.reverse(c, [1]) for c in crops]
     where = [tf.stack([t, left, flip]) for flip in (0, 1) for t, left in offsets]
-    return tf.stack(crops), tf.cast(tf.stack(where), tf.int32)
+    return tf.stack(crops + crops), tf.cast(tf.stack(where), tf.int32)
 
 
 def eval_preprocess(image: tf.Tensor, p: Preprocess) -> dict[str, tf.Tensor]:
@@ -382,23 +392,37 @@ def train_dataset(
     ds = source.train.epoch(epoch0, seed, offset)
     for e in range(epoch0 + 1, last_epoch + 1):
         ds = ds.concatenate(source.train.epoch(e, seed, 0))
-    ds = ds.enumerate(start=first)
-    fetch = lambda g, keys: (g, source.train.fetch(keys))
-    ds = _process_rows(ds, batch_size, rows, fetch, threads)
-
+    ds = ds.enumerate(start=first).batch(batch_size, drop_remainder=True)
+    if rows is not None and len(rows) < batch_size:
+        ds = ds.map(lambda g, keys: tf.nest.map_structure(lambda t: tf.gather(t, rows), (g, keys)))
+    size = preprocess.image_size
+    image_spec = tf.TensorSpec([size, size, 3], tf.uint8)
     # JPEGs stored at the resize size (the paper's 256) decode only their crop window.
     crop_only = source.stored_size == preprocess.resize_size and source.train.jpeg is not None
 
-    def prepare(g, record):
-        example_seed = tf.stack([tf.constant(seed, tf.int64), g])
+    def prepare(g, keys):
+        # A batch per call: the draws are batched, only decoding and cropping run per example
+        # (tf.data's per-example cost was a third of the paper-256 path's time), and `finish`
+        # leaves mirroring to `normalize`.
+        step = g[0] // batch_size
+        draws = train_draws(seed, step, batch_size, preprocess)
+        offsets, flips, shifts = (tf.gather(d, g - step * batch_size) for d in draws)
+        records = source.train.fetch(keys)
         if crop_only:
-            jpeg, label = source.train.jpeg(record)
-            return {**train_preprocess_jpeg(jpeg, example_seed, preprocess), "labels": label}
-        image, label = source.train.unpack(record)
-        return {**train_preprocess(image, example_seed, preprocess), "labels": label}
+            jpegs, labels = source.train.jpeg(records)
+            crop = lambda x: train_crop_jpeg(*x, preprocess)
+            images = tf.map_fn(crop, (jpegs, offsets), fn_output_signature=image_spec)
+        else:
+
+            def crop(x):
+                image, label = source.train.unpack(x[0])
+                return train_crop(image, x[1], preprocess), label
+
+            out = (image_spec, tf.TensorSpec([], tf.int32))
+            images, labels = tf.map_fn(crop, (records, offsets), fn_output_signature=out)
+        return {**finish(images, offsets, flips, shifts, preprocess), "labels": labels}
 
     ds = ds.map(prepare, num_parallel_calls=_parallelism(threads), deterministic=True)
-    ds = ds.batch(batch_size if rows is None else len(rows), drop_remainder=True)
     return _threads(ds.take(num_steps - start_step).prefetch(PREFETCH_BATCHES), threads)
 
 

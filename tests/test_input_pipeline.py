@@ -47,34 +47,40 @@ def test_random_crop_and_flip_geometry():
     stats = ip.Stats((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), IDENTITY)
     p = ip.Preprocess(stats, image_size=24, resize_size=32, random_flip=True)
     image = _coords_image(32)
-    tops, flips = set(), 0
+    offsets, flips, shifts = ip.train_draws(0, tf.constant(0, tf.int64), 64, p)
+    crops = tf.stack([ip.train_crop(image, o, p) for o in offsets])
+    out = ip.finish(crops, offsets, flips, shifts, p)["images"].numpy()
+    # For the device, the same windows travel unmirrored, with their mirror flags.
+    raw = ip.finish(crops, offsets, flips, shifts, dataclasses.replace(p, on_device=True))
+    assert raw["images"].dtype == tf.uint8
+    mirror = raw["crops"].numpy()[:, 2, None, None, None] > 0
+    images = raw["images"].numpy()
+    assert not np.array_equal(images, out)
+    np.testing.assert_array_equal(np.where(mirror, images[:, :, ::-1], images), out)
+    tops, mirrored = set(), 0
     for i in range(64):
-        seed = tf.constant([0, i], tf.int64)
-        out = ip.train_preprocess(image, seed, p)["images"].numpy()
-        rows, cols = out[..., 0], out[..., 1]
+        rows, cols = out[i, ..., 0], out[i, ..., 1]
         assert np.all(np.diff(rows, axis=0) == 1)  # a contiguous window
         top, left = rows[0, 0], min(cols[0, 0], cols[0, -1])
         assert 0 <= top <= 8 and 0 <= left <= 8  # inside the 32x32 square
         flipped = cols[0, 0] > cols[0, -1]
-        flips += flipped
-        # For the device, the same window and mirror travel with the uint8 crop.
-        raw = ip.train_preprocess(image, seed, dataclasses.replace(p, on_device=True))
-        assert raw["images"].dtype == tf.uint8
-        np.testing.assert_array_equal(raw["images"].numpy(), out)
-        assert tuple(raw["crops"].numpy()) == (top, left, flipped)
+        mirrored += flipped
+        assert tuple(raw["crops"][i].numpy()) == (top, left, flipped)
         np.testing.assert_array_equal(np.abs(np.diff(cols, axis=1)), 1)
         tops.add(top)
     assert len(tops) > 4  # the crop moves
-    assert 16 < flips < 48  # about half are mirrored
+    assert 16 < mirrored < 48  # about half are mirrored
+    # Another step draws anew; the same step draws the same.
+    again, other = (ip.train_draws(0, tf.constant(s, tf.int64), 64, p)[0] for s in (0, 1))
+    np.testing.assert_array_equal(again, offsets)
+    assert not np.array_equal(other, offsets)
 
 
 def test_pca_lighting_statistics():
     """The colour shift is 255 * V @ (alpha * lambda), alpha ~ N(0, 0.1): its covariance is
     255^2 V diag(0.01 lambda^2) V^T."""
     stats = ip.IMAGENET_STATS
-    shifts = np.stack(
-        [ip.lighting_shift(stats, 0.1, tf.constant([7, i], tf.int64)).numpy() for i in range(4000)]
-    )
+    shifts = ip.lighting_shifts(stats, 0.1, tf.constant([7, 1], tf.int64), 4000).numpy()
     v, lam = np.asarray(stats.eigvec), np.asarray(stats.eigval)
     want = 255.0**2 * v @ np.diag((0.1 * lam) ** 2) @ v.T
     np.testing.assert_allclose(np.cov(shifts.T), want, rtol=0.1, atol=0.02 * want.max())
@@ -89,8 +95,14 @@ def test_ten_crops_are_corners_centre_and_mirrors():
     assert crops.shape == (10, 6, 6, 3)
     corners = [(c[0, 0, 0], c[0, 0, 1]) for c in crops[:5]]
     assert corners == [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]
-    np.testing.assert_array_equal(crops[5:], crops[:5, :, ::-1])
     assert where.tolist() == [[t, left, f] for f in (0, 1) for t, left in corners]
+    # Normalising (here with a zero mean) mirrors the last five.
+    zero = ip.Stats((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), IDENTITY)
+    p = ip.Preprocess(zero, image_size=6, resize_size=10)
+    out = ip.normalize(crops, where, tf.zeros([10, 3]), p).numpy()
+    np.testing.assert_array_equal(out[:5], crops[:5])
+    assert not np.array_equal(out[5:], out[:5])
+    np.testing.assert_array_equal(out[5:], crops[:5, :, ::-1])
 
 
 def test_eval_ten_crop_output():
