@@ -401,9 +401,9 @@ def train_dataset(
     crop_only = source.stored_size == preprocess.resize_size and source.train.jpeg is not None
 
     def prepare(g, keys):
-        # A batch per call: the draws are batched, only decoding and cropping run per example
-        # (tf.data's per-example cost was a third of the paper-256 path's time), and `finish`
-        # leaves mirroring to `normalize`.
+        # A batch per call: the draws are made for the batch, only decoding and cropping run
+        # per example, and `finish` leaves mirroring to `normalize` (on the device, as the
+        # paper config trains): on paper-256 data whatever runs besides decoding is overhead.
         step = g[0] // batch_size
         draws = train_draws(seed, step, batch_size, preprocess)
         offsets, flips, shifts = (tf.gather(d, g - step * batch_size) for d in draws)

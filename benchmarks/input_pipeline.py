@@ -4,11 +4,13 @@
 
 Makes ImageNet-like JPEGs (crops and scales of the two photographs scikit-learn ships, about
 500x375 like ImageNet's; not random noise, which decodes unlike photographs), writes them as
-ILSVRC2012 tars, and times on one core each (one process, one tf.data thread):
+ILSVRC2012 tars, and times on one core each (one process, one tf.data thread), in batches of
+configs/alexnet.py's 128:
 
 - preparation of the paper-256 form (paper256.py: decode, resize, re-encode);
-- the train path on the raw JPEGs (decode everything, resize, crop, flip, lighting);
-- the train path on paper-256 data (decode only the crop window, flip, lighting), and the
+- the train path on the raw JPEGs (decode everything, resize, crop, draw the mirror and the
+  lighting; as configs/alexnet.py trains, the device mirrors and normalises);
+- the train path on paper-256 data (decode only the crop window, the same draws), and the
   decoding of those windows alone;
 - the eval path on paper-256 data, centre crop and ten patches;
 - reading paper-256 records, as sources.py does and through TFDS's Python deserialisation;
@@ -99,21 +101,21 @@ def _rate(ds, split) -> float:
     return count / (time.perf_counter() - start)
 
 
-def decode_rate(source, epochs: int) -> float:
-    """Images/s of decoding a 227x227 window of each stored JPEG, held in memory: the ceiling
-    of the paper-256 train path, which also reads, draws, mirrors and batches."""
+def decode_rate(source, epochs: int, batch: int) -> float:
+    """Images/s of decoding a 227x227 window of each stored JPEG, held in memory, a batch per
+    call as the train path decodes: the ceiling of the paper-256 train path, which also
+    reads, draws and batches."""
     import tensorflow as tf
 
     from alexnet_jax import input_pipeline as ip
 
     keys = tf.range(source.train.size, dtype=tf.int64)
     jpegs, labels = source.train.fetch(keys)
-    ds = tf.data.Dataset.from_tensor_slices((jpegs, labels)).repeat(epochs)
-    window = lambda j, y: {
-        "images": tf.io.decode_and_crop_jpeg(j, [14, 14, 227, 227], 3, fancy_upscaling=False),
-        "labels": y,
-    }
-    return _rate(ip._threads(ds.map(window).batch(16), 1), source.train)
+    ds = tf.data.Dataset.from_tensor_slices((jpegs, labels)).repeat(epochs).batch(batch)
+    spec = tf.TensorSpec([227, 227, 3], tf.uint8)
+    crop = lambda j: tf.io.decode_and_crop_jpeg(j, [14, 14, 227, 227], 3, fancy_upscaling=False)
+    windows = lambda j, y: {"images": tf.map_fn(crop, j, fn_output_signature=spec), "labels": y}
+    return _rate(ip._threads(ds.map(windows), 1), source.train)
 
 
 def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[], float]]:
@@ -199,7 +201,9 @@ def main(argv: list[str]) -> None:
         # image where the data has one (paper-256), else the channel mean.
         stats = ip.Stats.from_dict(stored.stats, stored.mean_image)
         p = ip.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=True)
-        batch, epochs = 16, 4  # each path reads its data `epochs` times
+        # In batches of configs/alexnet.py's 128 (what a host with one accelerator prepares
+        # per step), fewer for a small --images; each path reads its data `epochs` times.
+        batch, epochs = min(alexnet.get_config().batch_size, n // 3), 8
 
         def train_rate(source, p):
             steps = epochs * source.train.size // batch
@@ -213,14 +217,18 @@ def main(argv: list[str]) -> None:
 
         def eval_rate(ten: bool) -> float:
             q = dataclasses.replace(p, ten_crop=ten)
-            ds = ip.eval_dataset(stored, q, batch_size=batch, threads=1).repeat(epochs)
+            # Whole batches: the padding of a last, partial one would be timed as no images.
+            whole = min(batch, stored.eval.size)
+            ds = ip.eval_dataset(stored, q, batch_size=whole, threads=1).repeat(epochs)
             return _rate(ds, stored.eval)
 
         paths = {
             "train path, raw JPEGs (decode all, resize)": lambda: train_rate(folder, raw),
             "train path, paper-256 (decode crop window)": lambda: train_rate(stored, p),
             "  the same, normalised on the host (float32)": lambda: train_rate(stored, host),
-            "  its decoding alone (the window, from memory)": lambda: decode_rate(stored, epochs),
+            "  its decoding alone (the window, from memory)": lambda: decode_rate(
+                stored, epochs, batch
+            ),
             "eval path, paper-256, centre crop": lambda: eval_rate(False),
             "eval path, paper-256, ten patches": lambda: eval_rate(True),
             **read_rates(out, batch, epochs),
