@@ -336,6 +336,19 @@ def get_stats(
 # ----------------------------------------------------------------------------------- streams
 
 
+def _process_batches(
+    ds: tf.data.Dataset, batch: int, rows: Sequence[int] | None
+) -> tf.data.Dataset:
+    """Every whole global batch of keys, cut to these rows (all when None) before anything is
+    read: each process reads and decodes only what its devices hold, and every process sees
+    the same number of batches."""
+    ds = ds.batch(batch, drop_remainder=True)
+    if rows is not None and len(rows) < batch:
+        rows = tf.constant(rows, tf.int64)
+        ds = ds.map(lambda *x: tf.nest.map_structure(lambda t: tf.gather(t, rows), x))
+    return ds
+
+
 def _process_rows(
     ds: tf.data.Dataset,
     batch: int,
@@ -343,14 +356,9 @@ def _process_rows(
     fetch: Callable,
     threads: int | None,
 ) -> tf.data.Dataset:
-    """These rows of every whole global batch (all when None), read with one `fetch` call per
-    batch, before decoding: each process reads and decodes only what its devices hold, and
-    every process sees the same number of batches."""
-    ds = ds.batch(batch, drop_remainder=True)
-    if rows is not None and len(rows) < batch:
-        rows = tf.constant(rows, tf.int64)
-        ds = ds.map(lambda *x: tf.nest.map_structure(lambda t: tf.gather(t, rows), x))
+    """This process's examples of `_process_batches`, read with one `fetch` call per batch."""
     parallel = _parallelism(threads)
+    ds = _process_batches(ds, batch, rows)
     return ds.map(fetch, num_parallel_calls=parallel, deterministic=True).unbatch()
 
 
@@ -392,9 +400,7 @@ def train_dataset(
     ds = source.train.epoch(epoch0, seed, offset)
     for e in range(epoch0 + 1, last_epoch + 1):
         ds = ds.concatenate(source.train.epoch(e, seed, 0))
-    ds = ds.enumerate(start=first).batch(batch_size, drop_remainder=True)
-    if rows is not None and len(rows) < batch_size:
-        ds = ds.map(lambda g, keys: tf.nest.map_structure(lambda t: tf.gather(t, rows), (g, keys)))
+    ds = _process_batches(ds.enumerate(start=first), batch_size, rows)
     size = preprocess.image_size
     image_spec = tf.TensorSpec([size, size, 3], tf.uint8)
     # JPEGs stored at the resize size (the paper's 256) decode only their crop window.
