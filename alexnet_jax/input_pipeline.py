@@ -205,6 +205,11 @@ def finish(
     return {"images": normalize(images, crops, shifts, p)}
 
 
+def _mirror(image: tf.Tensor, flag: tf.Tensor) -> tf.Tensor:
+    """An [H, W, C] image reversed along its width if `flag` > 0."""
+    return tf.cond(flag > 0, lambda: tf.reverse(image, [1]), lambda: image)
+
+
 def normalize(image: tf.Tensor, crop: tf.Tensor, shift: tf.Tensor, p: Preprocess) -> tf.Tensor:
     """Float32 input of uint8 crops [..., H, W, 3] taken at `crop` [..., 3] = (top, left,
     mirror): add the lighting `shift` [..., 3], subtract the mean (the paper's 0-255 units;
@@ -215,17 +220,13 @@ def normalize(image: tf.Tensor, crop: tf.Tensor, shift: tf.Tensor, p: Preprocess
     # Mirrored first, while still uint8 (a quarter of the bytes to move), one crop at a time:
     # TensorFlow's batched reversals on the CPU (reverse_sequence, a select of reversed and
     # not) ran several times slower.
-    mirror = lambda c: tf.cond(c[1] > 0, lambda: tf.reverse(c[0], [1]), lambda: c[0])
     crops = (tf.reshape(image, [-1, size, size, 3]), flat[:, 2])
-    image = tf.reshape(tf.map_fn(mirror, crops, fn_output_signature=image.dtype), tf.shape(image))
+    mirrored = tf.map_fn(lambda c: _mirror(*c), crops, fn_output_signature=image.dtype)
+    image = tf.reshape(mirrored, tf.shape(image))
     image = tf.cast(image, tf.float32) + shift[..., None, None, :]
     if p.mean == "image":
         mean = tf.constant(p.stats.mean_image, tf.float32)
-
-        def window(c: tf.Tensor) -> tf.Tensor:
-            w = tf.slice(mean, [c[0], c[1], 0], [size, size, 3])
-            return tf.cond(c[2] > 0, lambda: tf.reverse(w, [1]), lambda: w)
-
+        window = lambda c: _mirror(tf.slice(mean, [c[0], c[1], 0], [size, size, 3]), c[2])
         windows = tf.map_fn(window, flat, fn_output_signature=tf.float32)
         image = image - tf.reshape(windows, tf.shape(image))
     else:

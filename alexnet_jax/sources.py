@@ -229,9 +229,6 @@ class _ArrayRecordRows:
         self._readers: list[Any] = [None] * len(instructions)
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
     def _reader(self, shard: int) -> Any:
         with self._lock:  # opened once, on first use, by whichever thread needs it
             if self._readers[shard] is None:
