@@ -65,9 +65,9 @@ def set_compilation_cache(path: str) -> None:
     never find their programs there, so multi-host runs want a shared or gs:// path."""
     import jax
 
-    from alexnet_jax import cluster
+    from alexnet_jax import backend
 
-    path = cluster.compilation_cache_dir(path)
+    path = backend.compilation_cache_dir(path)
     if path is None:
         return
     if jax.process_count() > 1 and _CACHE.value == _CACHE.default:
@@ -97,20 +97,17 @@ def _load_config(path: str):
     return module.get_config()
 
 
-def add_config_help(argv: list[str]) -> None:
-    """With --help and --config=FILE, absl's help (this module's docstring) also lists every
-    config field with its value and its comment in FILE (or in the config FILE builds on)."""
+def usage(argv: list[str]) -> str:
+    """--help: this docstring, the launch flags, then (with --config=FILE) every config field
+    with its value and its comment in FILE (or in the config FILE builds on)."""
+    text = f"{__doc__}\nflags:\n{flags.FLAGS.main_module_help()}\n"
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if path is None or not os.path.isfile(path.split(":")[0]):
-        return
+        return text + "\nWith --config=FILE, --help also lists that config's fields.\n"
     from alexnet_jax import config_doc
 
     fields = config_doc.describe(_load_config(path), Path(path.split(":")[0]))
-    sys.modules[
-        "__main__"
-    ].__doc__ = (
-        f"{__doc__}\nConfig fields of {path} (override any with --config.KEY=VALUE):\n{fields}\n"
-    )
+    return f"{text}\nConfig fields of {path} (override any with --config.KEY=VALUE):\n{fields}\n"
 
 
 def check_overrides(argv: list[str]) -> str | None:
@@ -142,10 +139,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    from alexnet_jax import UsageError, cluster
+    from alexnet_jax import UsageError, backend
 
     # Before anything starts a backend: XLA reads its flags once.
-    cluster.prepare_backend()
+    backend.prepare_backend()
     import jax
 
     from alexnet_jax import train
@@ -170,8 +167,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if {"--help", "-h", "-?", "--helpfull", "--helpshort"} & set(sys.argv[1:]):
-        add_config_help(sys.argv[1:])
+    if {"--help", "-h", "-?", "--helpshort"} & set(sys.argv[1:]):
+        print(usage(sys.argv[1:]), end="")
+        sys.exit(0)
     problem = check_overrides(sys.argv[1:])
     if problem:
         print(f"launch.py: error: {problem}", file=sys.stderr)

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from alexnet_jax import cluster
+from alexnet_jax import lifecycle
 from alexnet_jax.errors import UsageError
 
 # The layout of the saved train state's tree, stored with every checkpoint (absent: 1). A run
@@ -69,7 +69,7 @@ class Checkpointer:
     (class names, input statistics), saved together at a step."""
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 3, read_only: bool = False):
-        self.directory = cluster.workdir_path(workdir) / "checkpoints"
+        self.directory = lifecycle.workdir_path(workdir) / "checkpoints"
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(
                 f"No checkpoints in {self.directory}: train first with "

@@ -1,116 +1,21 @@
-"""How a run meets its machines: which processes start `jax.distributed` and which devices each
-one drives (SLURM, Open MPI, Cloud TPU, explicit flags), the XLA flags set before the backend
-starts, how far the host may run ahead of the devices, and the start-up checks that every
-process sees the devices and the workdir it should.
+"""How a run meets its machines: which processes start `jax.distributed` and which devices and
+host cores each one drives (SLURM, Open MPI, Cloud TPU, explicit flags), and the start-up check
+that every process sees the devices it should.
 
 Everything here runs before the model exists; parallel.py decides what the devices then hold.
 """
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import os
-import platform
 import re
-import uuid
 from collections.abc import Mapping
-from importlib import metadata, util
 from typing import Any
 
 import jax
-import numpy as np
-from etils import epath
-from jax.experimental import multihost_utils
 
 from alexnet_jax.errors import UsageError
-
-GPU_XLA_FLAGS = (
-    # Let XLA move collectives (the data-parallel gradient all-reduce, the towers' all-gathers)
-    # to overlap with the convolutions around them; NVIDIA's JAX containers set it by default.
-    "--xla_gpu_enable_latency_hiding_scheduler=true",
-)
-CPU_XLA_FLAGS = (
-    # XLA's CPU backend hands convolutions and dots to YNNPACK by default. Its own Eigen
-    # convolutions ran the paper model's train step 1.4x faster (conv1's weight gradient 4x),
-    # and YNNPACK's dots for the dense layers a further 1.04x (README, "Speed of the train
-    # step"): YNNPACK takes the dots only.
-    "--xla_cpu_experimental_ynn_fusion_type=dot",
-)
-
-
-def xla_flags(user: str, cpu: bool = True) -> str:
-    """`user`'s XLA_FLAGS plus ours (the CPU ones unless `cpu` is False), leaving any flag the
-    user set to the user's value. (Every XLA build knows the GPU and CPU flags, so each is
-    harmless on the other backends.)"""
-    given = {f.split("=", 1)[0] for f in user.split()}
-    flags = GPU_XLA_FLAGS + (CPU_XLA_FLAGS if cpu else ())
-    ours = [f for f in flags if f.split("=", 1)[0] not in given]
-    return " ".join([user.strip(), *ours]).strip()
-
-
-def set_xla_flags(cpu: bool = True) -> None:
-    """Put `xla_flags` into the environment: call it before anything starts a backend (XLA
-    reads its flags once)."""
-    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""), cpu)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters
-_keeping = False  # whether keep_freed_memory took
-
-
-def runs_on_cpu(env: Mapping[str, str]) -> bool:
-    """Whether JAX will compute on the CPU: JAX_PLATFORMS names it first, or no accelerator
-    plugin (jax_plugins entry points, libtpu) is installed."""
-    platforms = env.get("JAX_PLATFORMS", "").strip()
-    if platforms:
-        return platforms.split(",")[0].strip() == "cpu"
-    return not metadata.entry_points(group="jax_plugins") and util.find_spec("libtpu") is None
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep the memory XLA's CPU backend frees, for its next step.
-
-    The CPU backend allocates every buffer of every run of a program with posix_memalign,
-    from its worker threads. glibc serves the large ones (the paper model's step at batch 64
-    asks for a 945 MB temporary) with a fresh mmap, whose pages the kernel faults in and zeroes
-    on first touch: 231,000 page faults and 0.43 s of system time per 1.9 s step. With one
-    arena for all threads (a thread's own arena can only mmap that much), no mmap and no trimming
-    of the heap, the step reuses last step's pages (README, "Speed of the train step"). The
-    cost: memory once freed stays with the process, for its next use.
-    Call it before the backend starts, once its worker threads hold an arena it is too late.
-    Returns whether the settings took (glibc on Linux only).
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    global _keeping
-    mallopt = ctypes.CDLL(None).mallopt
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: never
-    _keeping = all(mallopt(param, value) == 1 for param, value in settings)
-    return _keeping
-
-
-def keeping_freed_memory() -> bool:
-    """Whether `keep_freed_memory` took in this process."""
-    return _keeping
-
-
-def prepare_backend(cpu_flags: bool = True, cpu_malloc: bool = True) -> bool:
-    """Everything to set before a backend starts: `set_xla_flags(cpu_flags)` and, when JAX
-    will compute on the CPU, `keep_freed_memory` (unless `cpu_malloc` is False). Returns
-    whether freed memory is now kept."""
-    set_xla_flags(cpu_flags)
-    return cpu_malloc and runs_on_cpu(os.environ) and keep_freed_memory()
-
-
-def dispatch_depth(backend: str) -> int:
-    """Train steps the host may dispatch before waiting for the oldest. XLA's CPU collectives
-    deadlocked with unbounded dispatch (see metrics.Accumulator); accelerators need a step or
-    two queued to stay busy while the host prepares the next batch."""
-    return 1 if backend == "cpu" else 2
-
-
-# ----------------------------------------------------------------------- processes -> devices
 
 
 def visible_gpus(env: Mapping[str, str]) -> int | None:
@@ -280,51 +185,3 @@ def describe() -> str:
         f"process {jax.process_index()} of {jax.process_count()}: {len(local)} local "
         f"{local[0].platform} device(s) {[d.id for d in local]}, {jax.device_count()} in all"
     )
-
-
-# -------------------------------------------------------------------------------- the workdir
-
-
-def workdir_path(workdir: str | os.PathLike) -> epath.Path:
-    """A workdir as a path Orbax, TensorFlow and the metrics can all write: a URL (gs://...)
-    stays a URL; a local path is made absolute (Orbax wants one)."""
-    text = os.fspath(workdir)
-    if "://" in text:
-        return epath.Path(text)
-    return epath.Path(os.path.abspath(os.path.expanduser(text)))
-
-
-def compilation_cache_dir(path: str) -> str | None:
-    """--compilation_cache_dir as JAX should get it: None for '' (off), a URL as given (JAX
-    writes through etils.epath too), a local path with ~ expanded."""
-    if not path:
-        return None
-    return path if "://" in path else os.path.expanduser(path)
-
-
-def check_same_workdir(workdir: epath.Path) -> None:
-    """Refuse a run whose processes do not share `workdir` (each would write its own part of
-    every checkpoint): process 0 writes a token there, and every process must read it."""
-    if jax.process_count() == 1:
-        return
-    token_file = workdir / f".process_check_{jax.process_count()}"
-    token = uuid.uuid4().int % 2**31
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        token_file.write_text(str(token))
-    token = int(multihost_utils.broadcast_one_to_all(np.int32(token)))
-    multihost_utils.sync_global_devices("workdir token written")
-    try:
-        seen = int(token_file.read_text()) == token
-    except (OSError, ValueError):
-        seen = False
-    seen_by = multihost_utils.process_allgather(np.int32(seen))
-    multihost_utils.sync_global_devices("workdir token read")
-    if jax.process_index() == 0:
-        token_file.unlink(missing_ok=True)
-    if not seen_by.all():
-        blind = [int(i) for i in np.flatnonzero(seen_by == 0)]
-        raise UsageError(
-            f"processes {blind} do not see what process 0 wrote in --workdir={workdir}: every "
-            "process must use one shared directory (a shared file system or gs://...)."
-        )

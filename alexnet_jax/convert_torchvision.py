@@ -8,10 +8,10 @@ and std, 224 crops of the central 256 square) and ImageNet's class names, so `lo
 `python -m alexnet_jax.predict`, `launch.py --mode=eval` and fine-tuning with `launch.py
 --config=configs/owt.py --workdir=DIR` (a fresh optimizer state) use it as it is.
 
-The layout conversion (`from_torch`, `to_torch`) is plain NumPy and serves both variants: conv
-kernels OIHW <-> HWIO (torch's grouped kernels are already this project's grouped layout), dense
-kernels transposed, and fc6's input rows reordered between torch's C,H,W flatten and this
-model's H,W,C.
+The layout conversion (`from_torch`) is plain NumPy and serves both variants: conv kernels
+OIHW -> HWIO (torch's grouped kernels are already this project's grouped layout), dense kernels
+transposed, and fc6's input rows reordered from torch's C,H,W flatten to this model's H,W,C.
+(benchmarks/torch_alexnet.py has the way back.)
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def layer_keys(keys: Any) -> dict[str, str]:
     return found
 
 
-def _fc6_rows(kernel_in_out: np.ndarray, channels: int, src: str, dst: str) -> np.ndarray:
+def fc6_rows(kernel_in_out: np.ndarray, channels: int, src: str, dst: str) -> np.ndarray:
     """fc6's rows (its input features) from one flatten order ('chw' or 'hwc') to the other."""
     n, out = kernel_in_out.shape
     side = int(round((n // channels) ** 0.5))
@@ -84,21 +84,8 @@ def from_torch(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]
         w = get(keys[name] + ".weight")
         params[name] = {"kernel": w.T, "bias": get(keys[name] + ".bias")}
     conv5_channels = params["conv5"]["kernel"].shape[-1]
-    params["fc6"]["kernel"] = _fc6_rows(params["fc6"]["kernel"], conv5_channels, "chw", "hwc")
+    params["fc6"]["kernel"] = fc6_rows(params["fc6"]["kernel"], conv5_channels, "chw", "hwc")
     return params
-
-
-def to_torch(params: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, np.ndarray]:
-    """The inverse of `from_torch`, under the torch names `keys` (see `layer_keys`)."""
-    out = {}
-    conv5_channels = np.shape(params["conv5"]["kernel"])[-1]
-    for name in CONVS + DENSES:
-        k = np.asarray(params[name]["kernel"], np.float32)
-        if name == "fc6":
-            k = _fc6_rows(k, conv5_channels, "hwc", "chw")
-        out[keys[name] + ".weight"] = k.transpose(3, 2, 0, 1) if k.ndim == 4 else k.T
-        out[keys[name] + ".bias"] = np.asarray(params[name]["bias"], np.float32)
-    return {k: np.array(v, np.float32, order="C") for k, v in out.items()}  # writable copies
 
 
 def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -155,7 +142,7 @@ def convert(state_dict: Mapping[str, Any], workdir: str | os.PathLike, config: A
     do not fit the config's model, and a workdir that holds checkpoints."""
     import jax
 
-    from alexnet_jax import checkpoint, cluster, lifecycle, parallel, sources, train
+    from alexnet_jax import checkpoint, lifecycle, parallel, sources, train
 
     config = torchvision_config(config)
     params = from_torch(state_dict)
@@ -172,7 +159,7 @@ def convert(state_dict: Mapping[str, Any], workdir: str | os.PathLike, config: A
             + "\nThe converter expects torchvision's AlexNet (configs/owt.py: 1,000 classes, "
             "224x224 input)."
         )
-    workdir = cluster.workdir_path(workdir)
+    workdir = lifecycle.workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lock = lifecycle.lock_workdir(workdir)
     try:

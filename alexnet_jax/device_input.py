@@ -13,19 +13,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from alexnet_jax.input_pipeline import Preprocess, channel_std
 
 KEYS = ("images", "crops", "shifts")  # what a uint8 batch carries besides labels and weights
-
-
-def constants(p: Preprocess) -> dict[str, np.ndarray]:
-    """The statistics `normalize` needs: the mean ([3], or the [S, S, 3] mean image) and the
-    divisor ([3]; ones without divide_by_std)."""
-    mean = p.stats.mean_image if p.mean == "image" else np.asarray(p.stats.mean)
-    std = channel_std(p.stats) if p.divide_by_std else np.ones(3)
-    return {"mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32)}
 
 
 def is_raw(batch: dict) -> bool:

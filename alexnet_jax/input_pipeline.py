@@ -241,6 +241,14 @@ def channel_std(stats: Stats) -> np.ndarray:
     return np.maximum(stats.std(), 1.0).astype(np.float32)
 
 
+def device_constants(p: Preprocess) -> dict[str, np.ndarray]:
+    """What device_input.normalize needs to normalise `p`'s uint8 batches: the mean ([3], or
+    the [S, S, 3] mean image) and the divisor ([3]; ones without divide_by_std)."""
+    mean = p.stats.mean_image if p.mean == "image" else np.asarray(p.stats.mean)
+    std = channel_std(p.stats) if p.divide_by_std else np.ones(3)
+    return {"mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32)}
+
+
 def ten_crops(square: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
     """The paper's ten patches: four corners and centre, and their mirrors: [10, size, size, 3],
     with where each was taken and whether to mirror it, [10, 3] (the last five are the first
@@ -370,9 +378,9 @@ def _parallelism(threads: int | None) -> int:
 
 def _threads(ds: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
     """Run `ds` on a pool of `threads` (None: tf.data's default, every core of the host), with
-    tf.data's autotuner off: destroying an iterator waits for the autotuner's thread, and at
-    the end of a stream that wait took 28-36 s in some runs (one digits demo in eight here),
-    all of it inside the loop's last `next`. Parallelism and buffers are set explicitly."""
+    tf.data's autotuner off: destroying an iterator waits for the autotuner's thread, which
+    at the end of a stream could hold up the loop's last `next` for tens of seconds.
+    Parallelism and buffers are set explicitly."""
     options = tf.data.Options()
     options.autotune.enabled = False
     if threads is not None:

@@ -1,5 +1,5 @@
-"""What lets a run be left alone: it stops cleanly when told (SIGTERM, SIGINT), and it holds
-its workdir so that no second run can write there.
+"""What lets a run be left alone: it stops cleanly when told (SIGTERM, SIGINT), its workdir is
+one directory every process sees, and it holds that workdir so that no second run writes there.
 
 SIGTERM is what SLURM, Kubernetes and Cloud TPU send before they reclaim a machine. The
 handler only sets a flag; the loop finishes its step, saves it and returns. JAX's own
@@ -79,6 +79,46 @@ class StopOnSignal:
         if flags.any() and self.received is None:
             self.received = f"a signal to process {int(np.flatnonzero(flags)[0])}"
         return bool(flags.any())
+
+
+# ------------------------------------------------------------------------------- the workdir
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """A workdir as a path Orbax, TensorFlow and the metrics can all write: a URL (gs://...)
+    stays a URL; a local path is made absolute (Orbax wants one)."""
+    text = os.fspath(workdir)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def check_same_workdir(workdir: epath.Path) -> None:
+    """Refuse a run whose processes do not share `workdir` (each would write its own part of
+    every checkpoint): process 0 writes a token there, and every process must read it."""
+    if jax.process_count() == 1:
+        return
+    token_file = workdir / f".process_check_{jax.process_count()}"
+    token = uuid.uuid4().int % 2**31
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(str(token))
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(token)))
+    multihost_utils.sync_global_devices("workdir token written")
+    try:
+        seen = int(token_file.read_text()) == token
+    except (OSError, ValueError):
+        seen = False
+    seen_by = multihost_utils.process_allgather(np.int32(seen))
+    multihost_utils.sync_global_devices("workdir token read")
+    if jax.process_index() == 0:
+        token_file.unlink(missing_ok=True)
+    if not seen_by.all():
+        blind = [int(i) for i in np.flatnonzero(seen_by == 0)]
+        raise UsageError(
+            f"processes {blind} do not see what process 0 wrote in --workdir={workdir}: every "
+            "process must use one shared directory (a shared file system or gs://...)."
+        )
 
 
 # --------------------------------------------------------------------------------- the lock

@@ -1,5 +1,5 @@
 """What a run reports: metric sums gathered as steps are dispatched, their means, the lines of
-metrics.jsonl and TensorBoard, and the console's log lines and layer table."""
+metrics.jsonl and TensorBoard, and the console's log lines."""
 
 from __future__ import annotations
 
@@ -14,13 +14,11 @@ import tensorflow as tf
 from absl import logging
 from etils import epath
 
-from alexnet_jax.model import AlexNet, param_count
-
 
 class InFlight:
     """Keeps the host at most `depth` steps ahead of the devices. Unbounded async dispatch
-    deadlocked XLA's CPU collectives (seen: 7 of 8 simulated devices waiting forever in an
-    all-reduce rendezvous), so CPU runs use depth 1 (cluster.dispatch_depth)."""
+    deadlocked XLA's CPU collectives (7 of 8 simulated devices waiting forever in an
+    all-reduce rendezvous), so CPU runs use depth 1 (backend.dispatch_depth)."""
 
     def __init__(self, depth: int = 1) -> None:
         self.depth = depth
@@ -116,24 +114,6 @@ def read_metrics(workdir: epath.PathLike, name: str = "metrics.jsonl") -> list[d
         except json.JSONDecodeError:
             continue
     return lines
-
-
-def layer_table(model: AlexNet, params: Any, image_size: int) -> str:
-    shapes = dict(model.feature_shapes(image_size))
-    rows = [("layer", "output", "parameters")]
-    for name, layer in params.items():
-        out = shapes.get(name)
-        rows.append(
-            (
-                name,
-                "x".join(map(str, out)) if out else str(layer["kernel"].shape[-1]),
-                f"{param_count(layer):,}",
-            )
-        )
-        if f"{name}_pool" in shapes:
-            rows.append((f"  {name} pool", "x".join(map(str, shapes[f"{name}_pool"])), ""))
-    rows.append(("total", "", f"{param_count(params):,}"))
-    return "\n".join(f"{a:<12} {b:>12} {c:>14}" for a, b, c in rows)
 
 
 def format_eta(seconds: float) -> str:

@@ -114,11 +114,15 @@ class AlexNet(nn.Module):
     weight_init: str = "paper"  # 'paper': N(0, 0.01) and biases of 1; 'he': He-normal, zero biases
     tower_axis: str | None = None  # mesh axis the towers are split over (set by parallel.py)
     tower_shards: int = 1  # size of tower_axis
+    # Ops ('lrn', 'pool') traced with their plain definitions, which JAX differentiates itself,
+    # instead of ops.py's custom backward passes: an ablation (benchmarks/train_step.py).
+    plain_ops: tuple[str, ...] = ()
 
     @classmethod
-    def from_config(cls, fields: Mapping[str, Any]) -> AlexNet:
-        """The module for a config's `model` section, whose keys are this module's fields."""
-        return cls(**fields)
+    def from_config(cls, fields: Mapping[str, Any], **more: Any) -> AlexNet:
+        """The module for a config's `model` section, whose keys are this module's fields
+        (`more`: fields that are not config keys, e.g. plain_ops)."""
+        return cls(**fields, **more)
 
     def __post_init__(self) -> None:
         self._check()
@@ -158,6 +162,8 @@ class AlexNet(nn.Module):
             0 <= self.dropout_rate < 1,
             f"model.dropout_rate={self.dropout_rate} must be in [0, 1).",
         )
+        unknown = sorted(set(self.plain_ops) - set(ops.PLAIN_CHOICES))
+        need(not unknown, f"unknown ops {unknown}; choose from {ops.PLAIN_CHOICES}")
         need(
             self.tower_shards >= 1 and self.num_towers % self.tower_shards == 0,
             f"{self.num_towers} towers do not split over {self.tower_shards} devices.",
@@ -284,10 +290,11 @@ class AlexNet(nn.Module):
                 x = self._gather(x)
             x = self._act(self._conv(spec, x, paper_bias.get(spec.name, 0.0)))
             if spec.lrn and self.use_lrn:
-                x = ops.local_response_norm(x, local_towers).astype(self.dtype)
+                plain = "lrn" in self.plain_ops
+                x = ops.local_response_norm(x, local_towers, plain).astype(self.dtype)
             self.sow("intermediates", f"{spec.name}_map", x)  # feature maps, for inspection
             if spec.pool:
-                x = ops.pool(x, window, 2)
+                x = ops.pool(x, window, 2, "pool" in self.plain_ops)
                 self.sow("intermediates", f"{spec.name}_pool", x)
 
         fc_local = per_tower(FC_FEATURES, self.width, towers) * local_towers
@@ -310,3 +317,22 @@ class AlexNet(nn.Module):
 
 def param_count(params: Any) -> int:
     return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+
+
+def layer_table(model: AlexNet, params: Any, image_size: int) -> str:
+    """Each layer's output shape and parameter count, for the log of a run's start."""
+    shapes = dict(model.feature_shapes(image_size))
+    rows = [("layer", "output", "parameters")]
+    for name, layer in params.items():
+        out = shapes.get(name)
+        rows.append(
+            (
+                name,
+                "x".join(map(str, out)) if out else str(layer["kernel"].shape[-1]),
+                f"{param_count(layer):,}",
+            )
+        )
+        if f"{name}_pool" in shapes:
+            rows.append((f"  {name} pool", "x".join(map(str, shapes[f"{name}_pool"])), ""))
+    rows.append(("total", "", f"{param_count(params):,}"))
+    return "\n".join(f"{a:<12} {b:>12} {c:>14}" for a, b, c in rows)

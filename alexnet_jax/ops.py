@@ -4,18 +4,17 @@ definitions (the paper's LRN formula, `flax.linen.max_pool`), with backward pass
 
 XLA differentiates the plain definitions into a banded matmul (LRN's channel sum) and a
 select-and-scatter (max-pooling). Here the channel sum is five shifted slices, d^-3/4 is two
-square roots, and the pooling gradient is a sum of shifted grids per phase of the stride. On the
-CPU the paper model's train step ran about 1.2x faster with both (README, "Speed of the train
-step").
+square roots, and the pooling gradient is a sum of shifted grids per phase of the stride, which
+XLA's CPU backend runs faster (docs/performance.md). The model traces the plain definitions
+instead for the ops named in `AlexNet.plain_ops`: for ablations (benchmarks/train_step.py
+--plain_ops) and to rule the fast ones out when a result looks wrong.
 tests/test_ops.py holds both to `jax.grad` of the plain definitions, ties in pooling windows
 included.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,35 +23,17 @@ from jax import lax
 
 # Paper section 3.3 (alpha is not divided by n).
 LRN_K, LRN_N, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
-PLAIN_CHOICES = ("lrn", "pool")
-_plain: set[str] = set()  # the ops traced with their plain definitions (see `plain`)
+PLAIN_CHOICES = ("lrn", "pool")  # what AlexNet(plain_ops=...) may trace plainly
 
 
-@contextlib.contextmanager
-def plain(*names: str) -> Iterator[None]:
-    """Trace `names` ('lrn', 'pool') with their plain definitions, which JAX differentiates
-    itself: for ablations (benchmarks/train_step.py --plain_ops) and to rule the fast ones
-    out when a result looks wrong. It applies to what is traced (jitted) inside the block."""
-    unknown = set(names) - set(PLAIN_CHOICES)
-    if unknown:
-        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {PLAIN_CHOICES}")
-    before = set(_plain)
-    _plain.update(names)
-    try:
-        yield
-    finally:
-        _plain.clear()
-        _plain.update(before)
+def local_response_norm(x: jax.Array, towers: int, plain: bool = False) -> jax.Array:
+    """Paper section 3.3 within each tower, in float32: `lrn`, or `plain_lrn`."""
+    return plain_lrn(x, towers) if plain else lrn(x, towers)
 
 
-def local_response_norm(x: jax.Array, towers: int) -> jax.Array:
-    """Paper section 3.3 within each tower, in float32 (`lrn`, or `plain_lrn` under `plain`)."""
-    return plain_lrn(x, towers) if "lrn" in _plain else lrn(x, towers)
-
-
-def pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-    """VALID max-pooling (`max_pool`, or `plain_max_pool` under `plain`)."""
-    return plain_max_pool(x, window, stride) if "pool" in _plain else max_pool(x, window, stride)
+def pool(x: jax.Array, window: int, stride: int, plain: bool = False) -> jax.Array:
+    """VALID max-pooling: `max_pool`, or `plain_max_pool`."""
+    return plain_max_pool(x, window, stride) if plain else max_pool(x, window, stride)
 
 
 def plain_lrn(x: jax.Array, towers: int) -> jax.Array:
@@ -99,7 +80,7 @@ def _lrn_forward(x: jax.Array, towers: int) -> tuple[jax.Array, tuple]:
 
 def _power(d: jax.Array) -> jax.Array:
     """d^-beta; for the paper's beta = 3/4 as rsqrt(d) * sqrt(rsqrt(d)), within a few float32
-    roundings of pow and about a quarter of its time on the CPU (16 against 61 ms at conv1)."""
+    roundings of pow and a fraction of its time on the CPU."""
     if LRN_BETA == 0.75:
         r = lax.rsqrt(d)
         return r * jnp.sqrt(r)

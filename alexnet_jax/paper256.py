@@ -11,6 +11,7 @@ metadata, which is what makes TFDS (and this project) see it, is written last.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import io
 import json
 import math
@@ -176,8 +177,6 @@ def prepare(data_dir: str, manual_dir: str, processes: int | None = None) -> Pat
     """Prepare (or finish preparing) the paper-256 dataset under data_dir; returns its path."""
     import tensorflow_datasets as tfds
 
-    from alexnet_jax.metrics import format_eta  # here: the workers need none of its imports
-
     directory = Path(data_dir).expanduser() / NAME / VERSION
     if (directory / "dataset_info.json").exists():
         print(f"{directory} is already prepared; nothing to do.")
@@ -195,9 +194,10 @@ def prepare(data_dir: str, manual_dir: str, processes: int | None = None) -> Pat
             images, done = images + n, done + 1
             rate = images / (time.time() - start)
             left = (len(jobs) - done) * (images / max(done - (len(jobs) - len(todo)), 1))
+            eta = datetime.timedelta(seconds=round(left / max(rate, 1e-9)))
             print(
                 f"{done}/{len(jobs)} shards, {images:,} images, {rate:,.0f} images/s "
-                f"({rate / processes:,.0f} per process), ETA {format_eta(left / max(rate, 1e-9))}",
+                f"({rate / processes:,.0f} per process), ETA {eta}",
                 flush=True,
             )
     _finish(directory, jobs, tfds)

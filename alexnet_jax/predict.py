@@ -39,7 +39,7 @@ def read_image(path: str):
 def classify(workdir: str, paths: Sequence[str], top: int, step: int | None = None) -> list[dict]:
     """{'image': path, 'top': [{'class', 'index', 'probability'}, ...]} per path, or
     {'image': path, 'error': why} for a file that could not be read."""
-    from alexnet_jax import load_checkpoint
+    from alexnet_jax.inference import load_checkpoint
 
     run = load_checkpoint(workdir, step)
     results = []
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not FLAGS.workdir or not paths:
         raise app.UsageError("give --workdir=DIR and at least one image file")
-    from alexnet_jax import UsageError
+    from alexnet_jax.errors import UsageError
 
     try:
         results = classify(FLAGS.workdir, paths, FLAGS.top, FLAGS.step)

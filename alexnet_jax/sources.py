@@ -219,8 +219,8 @@ _EXAMPLE_SPEC = {
 class _ArrayRecordRows:
     """Records of a split's array_record shards by index, a batch of them per call, read
     straight from array_record's readers: its data source (which TFDS's wraps) starts a pool
-    of threads for every call, which cost more than the reading itself here (37 against 13 us
-    a record, in batches of 16 from the page cache). The stream's threads share the readers:
+    of threads for every call, which costs more than the reading itself (docs/imagenet.md).
+    The stream's threads share the readers:
     array_record's indexed reads do not change them (its own data source shares them too)."""
 
     def __init__(self, instructions: list[Any]):
@@ -265,8 +265,7 @@ def _tfds_random_access(
 ) -> Split:
     """array_record: read only the records this process needs, in any order, a batch of them
     per Python call. The call returns the serialized examples, which TensorFlow parses, a batch
-    at once: 1.5x the rate of TFDS's own per-example deserialisation in Python
-    (benchmarks/input_pipeline.py)."""
+    at once, faster than TFDS's own per-example deserialisation in Python (docs/imagenet.md)."""
     raw = tfds.decode.DeserializeMethod.RAW_BYTES
     # Raises NotImplementedError where the split is not stored for random access (TFRecord).
     source = builder.as_data_source(split=name, deserialize_method=raw)

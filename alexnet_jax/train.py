@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import flax
@@ -19,6 +19,7 @@ from absl import logging
 from etils import epath
 
 from alexnet_jax import (
+    backend,
     checkpoint,
     cluster,
     device_input,
@@ -32,12 +33,11 @@ from alexnet_jax.metrics import (
     Accumulator,
     InFlight,
     MetricsWriter,
-    layer_table,
     log_eval,
     log_train,
     means,
 )
-from alexnet_jax.model import AlexNet
+from alexnet_jax.model import AlexNet, layer_table
 from alexnet_jax.optimizer import Optimizer, set_learning_rate
 
 
@@ -141,9 +141,15 @@ def resolve_batch_size(
 class Trainer:
     """The jitted pieces of one run, built once for a config and a mesh."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: jax.sharding.Mesh,
+        plain_ops: Sequence[str] = (),
+    ):
+        """`plain_ops`: an ablation, see AlexNet.plain_ops."""
         self.mesh = mesh
-        self.model = AlexNet.from_config(config.model)
+        self.model = AlexNet.from_config(config.model, plain_ops=tuple(plain_ops))
         self.optimizer = Optimizer.from_config(config.optimizer, config.batch_size)
         self.image_size = config.input.image_size
         self.batch_size = config.batch_size
@@ -174,10 +180,7 @@ class Trainer:
             for ten in (False, True)
         }
         self.eval_step = self.eval_steps[config.input.eval_ten_crop]
-        self.update_plateau = jax.jit(
-            lambda p, v: self.optimizer.plateau.update(updates={}, state=p, value=v)[1],
-            out_shardings=self.shardings.plateau,
-        )
+        self.update_plateau = jax.jit(self._update_plateau, out_shardings=self.shardings.plateau)
 
     def _init(self, key: jax.Array) -> TrainState:
         x = jnp.zeros((1, self.image_size, self.image_size, 3))
@@ -189,6 +192,10 @@ class Trainer:
             rng=jax.random.fold_in(key, 1),
             plateau=self.optimizer.plateau.init(params),
         )
+
+    def _update_plateau(self, plateau: Any, top1_error: jax.Array) -> Any:
+        """The plateau rule's state after an evaluation with that top-1 error."""
+        return self.optimizer.plateau.update(updates={}, state=plateau, value=top1_error)[1]
 
     def init_state(self, seed: int) -> TrainState:
         """Initialise directly into the shardings: no device ever holds the whole model."""
@@ -205,7 +212,9 @@ class Trainer:
         if not device_input.is_raw(batch):
             return batch["images"]
         if consts is None:
-            raise ValueError("a batch of uint8 crops needs device_input.constants to normalise")
+            raise ValueError(
+                "a batch of uint8 crops needs input_pipeline.device_constants to normalise"
+            )
         return self.normalize({k: batch[k] for k in device_input.KEYS if k in batch}, consts)
 
     def _train_step(
@@ -217,7 +226,8 @@ class Trainer:
     ) -> tuple[TrainState, dict]:
         """One SGD step. Returns its metric sums and learning rate; given `totals` (the sums of
         earlier steps), the sums are added to them here rather than by a dispatch per metric.
-        A batch of uint8 crops is normalised with `consts` (device_input.constants) first."""
+        A batch of uint8 crops is normalised with `consts` (input_pipeline.device_constants)
+        first."""
         images, labels = self._images(batch, consts), batch["labels"]
         key = jax.random.fold_in(state.rng, state.step)
         masks = parallel.dropout_masks(key, self.model, images.shape[0], self.image_size, self.mesh)
@@ -242,7 +252,7 @@ class Trainer:
         """What the steps need to normalise `preprocess`'s uint8 batches, on every device."""
         if not preprocess.on_device:
             return None
-        consts = device_input.constants(preprocess)
+        consts = input_pipeline.device_constants(preprocess)
         return jax.device_put(consts, parallel.replicated(self.mesh))
 
     def evaluate(
@@ -256,7 +266,7 @@ class Trainer:
         """Means over every example of `batches` (rows of weight 0 are padding); `ten_crop`
         batches hold the ten patches of each image (default: as the config says)."""
         step = self.eval_step if ten_crop is None else self.eval_steps[ten_crop]
-        sums = Accumulator(cluster.dispatch_depth(jax.default_backend()))
+        sums = Accumulator(backend.dispatch_depth(jax.default_backend()))
         for local in batches:
             sums.add(
                 step(state.params, parallel.global_batch(self.mesh, local, self.batch_size), consts)
@@ -295,16 +305,16 @@ def _is_first() -> bool:
     return jax.process_index() == 0
 
 
-def evaluate_and_log(
+def evaluate(
     trainer: Trainer,
     state: TrainState,
     step: int,
     source: sources.Source,
     preprocess: input_pipeline.Preprocess,
-    writer: MetricsWriter,
-    plateau: bool,
-) -> tuple[TrainState, dict[str, float]]:
-    """One pass over the eval split: log and write its metrics, and feed the plateau rule."""
+    prefix: str = "eval",
+) -> dict[str, float]:
+    """One pass over the eval split with `preprocess`'s centre crop (or its ten patches):
+    the metrics under `prefix`, logged. Training and --mode=eval both evaluate here."""
     ds = input_pipeline.eval_dataset(
         source,
         preprocess,
@@ -312,14 +322,11 @@ def evaluate_and_log(
         rows=trainer.rows,
         threads=trainer.input_threads,
     )
+    batches = input_pipeline.iterate(ds, source.eval)
     consts = trainer.input_constants(preprocess)
-    metrics = trainer.evaluate(state, input_pipeline.iterate(ds, source.eval), consts=consts)
-    log_eval(step, metrics)
-    writer.write(step, metrics)
-    if plateau:
-        value = jnp.float32(metrics["eval/top1_error"])
-        state = state.replace(plateau=trainer.update_plateau(state.plateau, value))
-    return state, metrics
+    metrics = trainer.evaluate(state, batches, preprocess.ten_crop, prefix, consts)
+    log_eval(step, metrics, prefix)
+    return metrics
 
 
 EVAL_MODE_DIR = "eval_mode"  # --mode=eval writes its metrics.jsonl and TensorBoard events here
@@ -333,7 +340,7 @@ def evaluate_checkpoint(
     statistics are the checkpoint's own; one line goes to workdir/eval_mode/metrics.jsonl; no
     checkpoint is written or changed, and no lock taken: it may run beside training."""
     config = resolve_batch_size(config, jax.device_count())
-    workdir = cluster.workdir_path(workdir)
+    workdir = lifecycle.workdir_path(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
     try:
         ckpt = checkpoint.Checkpointer(workdir, read_only=True)
@@ -346,7 +353,7 @@ def evaluate_checkpoint(
     config = config.copy_and_resolve_references()
     config.model = saved.config.model  # what was trained, whatever --config says
     check_config(config, jax.device_count(), jax.process_count())
-    cluster.check_same_workdir(workdir)
+    lifecycle.check_same_workdir(workdir)
     source = create_source(config, workdir, write=False)
     trainer = Trainer(config, mesh)
     params = jax.device_put(saved.state["params"], trainer.shardings.params)
@@ -356,17 +363,8 @@ def evaluate_checkpoint(
     logging.info("evaluating the checkpoint at step %d of %s", saved.step, workdir)
     metrics = {}
     for ten_crop, prefix in ((False, "eval"), (True, "eval_ten_crop")):
-        ds = input_pipeline.eval_dataset(
-            source,
-            dataclasses.replace(preprocess, ten_crop=ten_crop),
-            batch_size=trainer.batch_size,
-            rows=trainer.rows,
-            threads=trainer.input_threads,
-        )
-        batches = input_pipeline.iterate(ds, source.eval)
-        consts = trainer.input_constants(preprocess)
-        metrics |= trainer.evaluate(state, batches, ten_crop, prefix, consts)
-        log_eval(saved.step, metrics, prefix)
+        p = dataclasses.replace(preprocess, ten_crop=ten_crop)
+        metrics |= evaluate(trainer, state, saved.step, source, p, prefix)
     # Its own file: a training run may be appending to (and on resume trimming) metrics.jsonl.
     writer = MetricsWriter(workdir / EVAL_MODE_DIR, active=jax.process_index() == 0)
     writer.write(saved.step, metrics)
@@ -404,7 +402,7 @@ def train_and_evaluate(
     The run holds its workdir (lifecycle.WorkdirLock) and stops cleanly on SIGTERM/SIGINT."""
     config = resolve_batch_size(config, jax.device_count())
     check_config(config, jax.device_count(), jax.process_count())
-    workdir = cluster.workdir_path(workdir)  # gs://... stays a URL
+    workdir = lifecycle.workdir_path(workdir)  # gs://... stays a URL
     workdir.mkdir(parents=True, exist_ok=True)
     lock = lifecycle.lock_workdir(workdir)
     try:
@@ -417,139 +415,215 @@ def train_and_evaluate(
 
 def _train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: epath.Path, stop: lifecycle.StopOnSignal
-) -> dict:
+) -> dict[str, float]:
     # Check everything, then restore (which refuses a checkpoint this run cannot resume),
     # before anything is written.
-    pid = jax.process_index()
-    cluster.check_same_workdir(workdir)
+    lifecycle.check_same_workdir(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
     source = create_source(config, workdir)
     trainer = Trainer(config, mesh)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    state = ckpt.restore(trainer.abstract_state)
-
-    # Data: statistics (cached in workdir), preprocessing, the number of steps.
-    i, B = config.input, config.batch_size
-    stats = input_pipeline.get_stats(
-        source, i.resize_size, i.stats_max_images, workdir, write=pid == 0
-    )
-    if state is not None:
-        stats = checkpoint_stats(ckpt, int(jax.device_get(state.step)), stats)
-    preprocess = input_pipeline.Preprocess.from_config(i, stats)
-    data_meta = {"class_names": source.class_names, "stats": stats.to_dict()}
-    total = num_train_steps(config, source.train.size)
-    logging.info(
-        "mesh %s on %d devices; %d train / %d eval examples; %d steps of %d",
-        dict(mesh.shape),
-        jax.device_count(),
-        source.train.size,
-        source.eval.size,
-        total,
-        B,
-    )
-
-    # State: fresh, or the restored one.
-    if state is None:
-        state = trainer.init_state(config.seed)
-    else:
-        logging.info("resumed from the checkpoint at step %d", int(state.step))
-    start = int(jax.device_get(state.step))
-    logging.info(
-        "AlexNet (%s):\n%s",
-        config.model.variant,
-        layer_table(trainer.model, state.params, i.image_size),
-    )
-    eval_step = lambda step: step % config.eval_every_steps == 0 or step == total
-    # A checkpoint is written before its step's evaluation (which may fail, e.g. on a bad
-    # image), so a run resumed from one that was not evaluated evaluates it first: the plateau
-    # rule then sees what the uninterrupted run saw.
-    pending = start > 0 and eval_step(start) and not ckpt.evaluated(start)
-    writer = MetricsWriter(workdir, active=pid == 0)
-    dropped = writer.drop_after(start, evals_too=pending)
-    if dropped:
-        logging.info("dropped %d metrics.jsonl lines this run writes again", dropped)
-    plateau = config.optimizer.schedule == "plateau"
-    run_eval = lambda state, step: evaluate_and_log(
-        trainer, state, step, source, preprocess, writer, plateau
-    )
-    save = lambda step, state, evaluated: ckpt.save(
-        step, state, config, {**data_meta, "evaluated": evaluated}, stats.mean_image
-    )
-
-    # Train: log, evaluate and save on their cadences.
-    ds = input_pipeline.train_dataset(
-        source,
-        preprocess,
-        seed=config.seed,
-        batch_size=B,
-        start_step=start,
-        num_steps=total,
-        rows=trainer.rows,
-        threads=trainer.input_threads,
-    )
-    batches = parallel.prefetch(mesh, input_pipeline.iterate(ds, source.train), B)
-    consts = trainer.input_constants(preprocess)
-    in_flight = InFlight(cluster.dispatch_depth(jax.default_backend()))
-    sums, t_log, last_log, eval_metrics = trainer.zero_sums(), time.time(), start, {}
-    waited = 0.0  # seconds the loop spent waiting for input since the last log line
-    window, tracing = profile_window(config), False
+    restored = ckpt.restore(trainer.abstract_state)
+    run = _Run(config, workdir, trainer, source, ckpt, restored)
+    state = run.initial_state(restored)
+    batches, consts = run.train_batches(), trainer.input_constants(run.preprocess)
+    in_flight = InFlight(backend.dispatch_depth(jax.default_backend()))
+    sums = trainer.zero_sums()  # summed on the devices over the steps since the last log line
     try:
-        if pending or start >= total:
-            if start >= total:
-                logging.info("workdir already holds the final step %d; evaluating it", total)
-            else:
-                logging.info("evaluating step %d first: its checkpoint preceded that", start)
-            state, eval_metrics = run_eval(state, start)
-        for step in range(start + 1, total + 1):
-            if window and step == window[0]:
-                jax.profiler.start_trace(os.fspath(workdir / "profile"))
-                tracing = True
-            t = time.perf_counter()
-            batch = next(batches)
-            waited += time.perf_counter() - t
-            state, sums = trainer.train_step(state, batch, sums, consts)  # sums since the last log
+        if run.pending_eval or run.start >= run.total:
+            state = run.evaluate_first(state)
+        for step in range(run.start + 1, run.total + 1):
+            run.profile.begin(step)
+            state, sums = trainer.train_step(state, run.next_batch(batches), sums, consts)
             in_flight.add(sums)
-            if tracing and step == window[1] - 1:
-                jax.block_until_ready(sums)  # the trace holds the steps' device work
-                jax.profiler.stop_trace()
-                tracing = False
-                logging.info("profile of steps %d-%d in %s", window[0], step, workdir / "profile")
-            saving = step % config.checkpoint_every_steps == 0 or step == total
-            logging_now = step % config.log_every_steps == 0 or step == total
+            run.profile.end(step, sums)
+            saving, logging_now = run.is_save_step(step), run.is_log_step(step)
             if saving or logging_now:
                 stop_if_diverged(sums["loss"], step, ckpt)
             if logging_now:
-                now = time.time()
-                ips = (step - last_log) * B / (now - t_log)
-                host = jax.device_get(sums)
-                sums = trainer.zero_sums()
-                line = {
-                    **means(host, "train"),
-                    "train/learning_rate": float(host["learning_rate"]),
-                    "train/images_per_sec": ips,
-                    "train/data_wait_fraction": waited / (now - t_log),
-                }
-                log_train(step, total, B, line)
-                writer.write(step, line)
-                t_log, last_log, waited = now, step, 0.0
+                sums = run.log(step, sums)
             if saving:
-                save(step, state, evaluated=False)
-            if eval_step(step):
-                state, eval_metrics = run_eval(state, step)
-            if stop.should_stop(step) and step < total:
-                if not saving:
-                    stop_if_diverged(sums["loss"], step, ckpt)
-                    save(step, state, evaluated=eval_step(step))
-                ckpt.wait()
-                message = (
-                    f"stopped at step {step} of {total} ({stop.received}); its checkpoint is "
-                    "saved. Run the same command to resume."
-                )
-                logging.warning(message)
-                print(message, file=sys.stderr, flush=True)
-                return eval_metrics
+                run.save(step, state, evaluated=False)
+            if run.is_eval_step(step):
+                state = run.evaluate(state, step)
+            if stop.should_stop(step) and step < run.total:
+                return run.stop_early(step, state, sums, stop.received, saved=saving)
     finally:
-        if tracing:
-            jax.profiler.stop_trace()
+        run.profile.close()
         ckpt.close()  # waits until the saves begun are written, whatever stopped the loop
-    return eval_metrics
+    return run.eval_metrics
+
+
+class _Profile:
+    """A jax.profiler trace of steps [first, end) in `directory` (config.profile_steps)."""
+
+    def __init__(self, window: tuple[int, int] | None, directory: epath.Path) -> None:
+        self.window, self.directory, self.tracing = window, directory, False
+
+    def begin(self, step: int) -> None:
+        if self.window and step == self.window[0]:
+            jax.profiler.start_trace(os.fspath(self.directory))
+            self.tracing = True
+
+    def end(self, step: int, outputs: Any) -> None:
+        if self.tracing and step == self.window[1] - 1:
+            jax.block_until_ready(outputs)  # the trace holds the steps' device work
+            self.close()
+            logging.info("profile of steps %d-%d in %s", self.window[0], step, self.directory)
+
+    def close(self) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
+
+
+class _Run:
+    """One training run: its data, its cadences, and the periodic work the loop calls (log,
+    save, evaluate, stop), with the clock and input wait of the current log interval."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: epath.Path,
+        trainer: Trainer,
+        source: sources.Source,
+        ckpt: checkpoint.Checkpointer,
+        restored: TrainState | None,
+    ) -> None:
+        self.config, self.trainer, self.source, self.ckpt = config, trainer, source, ckpt
+        first = jax.process_index() == 0
+        self.start = 0 if restored is None else int(jax.device_get(restored.step))
+        # Data: statistics (cached in workdir; a resumed run keeps its checkpoint's),
+        # preprocessing, the number of steps.
+        i = config.input
+        stats = input_pipeline.get_stats(
+            source, i.resize_size, i.stats_max_images, workdir, write=first
+        )
+        if restored is not None:
+            stats = checkpoint_stats(ckpt, self.start, stats)
+        self.stats = stats
+        self.preprocess = input_pipeline.Preprocess.from_config(i, stats)
+        self.data_meta = {"class_names": source.class_names, "stats": stats.to_dict()}
+        self.total = num_train_steps(config, source.train.size)
+        logging.info(
+            "mesh %s on %d devices; %d train / %d eval examples; %d steps of %d",
+            dict(trainer.mesh.shape),
+            jax.device_count(),
+            source.train.size,
+            source.eval.size,
+            self.total,
+            config.batch_size,
+        )
+        # A checkpoint is written before its step's evaluation (which may fail, e.g. on a bad
+        # image), so a run resumed from one that was not evaluated evaluates it first: the
+        # plateau rule then sees what the uninterrupted run saw.
+        self.pending_eval = (
+            self.start > 0 and self.is_eval_step(self.start) and not ckpt.evaluated(self.start)
+        )
+        self.writer = MetricsWriter(workdir, active=first)
+        dropped = self.writer.drop_after(self.start, evals_too=self.pending_eval)
+        if dropped:
+            logging.info("dropped %d metrics.jsonl lines this run writes again", dropped)
+        self.profile = _Profile(profile_window(config), workdir / "profile")
+        self.eval_metrics: dict[str, float] = {}
+        self.t_log, self.last_log, self.waited = time.time(), self.start, 0.0
+
+    def initial_state(self, restored: TrainState | None) -> TrainState:
+        """The restored state, or a fresh one; the model's layer table goes to the log."""
+        if restored is None:
+            state = self.trainer.init_state(self.config.seed)
+        else:
+            state = restored
+            logging.info("resumed from the checkpoint at step %d", self.start)
+        table = layer_table(self.trainer.model, state.params, self.config.input.image_size)
+        logging.info("AlexNet (%s):\n%s", self.config.model.variant, table)
+        return state
+
+    def train_batches(self) -> Iterator[dict]:
+        """The train stream from the run's position, copied to the devices ahead of the loop;
+        the first log interval starts here."""
+        ds = input_pipeline.train_dataset(
+            self.source,
+            self.preprocess,
+            seed=self.config.seed,
+            batch_size=self.config.batch_size,
+            start_step=self.start,
+            num_steps=self.total,
+            rows=self.trainer.rows,
+            threads=self.trainer.input_threads,
+        )
+        batches = input_pipeline.iterate(ds, self.source.train)
+        self.t_log = time.time()
+        return parallel.prefetch(self.trainer.mesh, batches, self.config.batch_size)
+
+    def next_batch(self, batches: Iterator[dict]) -> dict:
+        """The next batch, its wait counted towards the interval's data_wait_fraction."""
+        t = time.perf_counter()
+        batch = next(batches)
+        self.waited += time.perf_counter() - t
+        return batch
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.config.log_every_steps == 0 or step == self.total
+
+    def is_save_step(self, step: int) -> bool:
+        return step % self.config.checkpoint_every_steps == 0 or step == self.total
+
+    def is_eval_step(self, step: int) -> bool:
+        return step % self.config.eval_every_steps == 0 or step == self.total
+
+    def log(self, step: int, sums: dict) -> dict:
+        """Log and write the train line of the interval that ends at `step`; returns zero
+        sums for the next one."""
+        now = time.time()
+        ips = (step - self.last_log) * self.config.batch_size / (now - self.t_log)
+        host = jax.device_get(sums)
+        line = {
+            **means(host, "train"),
+            "train/learning_rate": float(host["learning_rate"]),
+            "train/images_per_sec": ips,
+            "train/data_wait_fraction": self.waited / (now - self.t_log),
+        }
+        log_train(step, self.total, self.config.batch_size, line)
+        self.writer.write(step, line)
+        self.t_log, self.last_log, self.waited = now, step, 0.0
+        return self.trainer.zero_sums()
+
+    def save(self, step: int, state: TrainState, evaluated: bool) -> None:
+        data = {**self.data_meta, "evaluated": evaluated}
+        self.ckpt.save(step, state, self.config, data, self.stats.mean_image)
+
+    def evaluate(self, state: TrainState, step: int) -> TrainState:
+        """Evaluate `step`, write its line, and feed the plateau rule."""
+        self.eval_metrics = evaluate(self.trainer, state, step, self.source, self.preprocess)
+        self.writer.write(step, self.eval_metrics)
+        if self.config.optimizer.schedule == "plateau":
+            value = jnp.float32(self.eval_metrics["eval/top1_error"])
+            state = state.replace(plateau=self.trainer.update_plateau(state.plateau, value))
+        return state
+
+    def evaluate_first(self, state: TrainState) -> TrainState:
+        """Before training: the step the run resumes from, when its evaluation is missing or
+        when there is nothing left to train."""
+        if self.start >= self.total:
+            logging.info("workdir already holds the final step %d; evaluating it", self.total)
+        else:
+            logging.info("evaluating step %d first: its checkpoint preceded that", self.start)
+        return self.evaluate(state, self.start)
+
+    def stop_early(
+        self, step: int, state: TrainState, sums: dict, signal: str, saved: bool
+    ) -> dict[str, float]:
+        """Stop at `step` on a signal: save it (unless this step just did), wait until the
+        save is on disk, and say how to resume."""
+        if not saved:
+            stop_if_diverged(sums["loss"], step, self.ckpt)
+            self.save(step, state, evaluated=self.is_eval_step(step))
+        self.ckpt.wait()
+        message = (
+            f"stopped at step {step} of {self.total} ({signal}); its checkpoint is saved. Run "
+            "the same command to resume."
+        )
+        logging.warning(message)
+        print(message, file=sys.stderr, flush=True)
+        return self.eval_metrics

@@ -4,7 +4,7 @@
         --config.mesh.data=1 --config.mesh.model=2 [--devices=8]
 
 On a CPU-only machine the devices are simulated (--devices, default data*model). Nothing is
-allocated: the step is compiled from abstract shapes. See alexnet_jax/report.py for how bytes
+allocated: the step is compiled from abstract shapes. See benchmarks/report.py for how bytes
 and the memory peak are counted.
 """
 
@@ -30,7 +30,8 @@ def main(argv: list[str]) -> None:
     # Only the CPU backend reads this: on GPU/TPU the real devices are used.
     wanted = _DEVICES.value or max(config.mesh.data, 1) * config.mesh.model
     jax.config.update("jax_num_cpu_devices", wanted)
-    from alexnet_jax import parallel, report, train
+    from alexnet_jax import parallel, train
+    from benchmarks import report
 
     train.check_config(config, jax.device_count(), 1)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)

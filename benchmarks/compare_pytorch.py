@@ -4,11 +4,11 @@ graph compiled by XLA), timed interleaved on this machine.
     pip install -e ".[bench]"   # PyTorch's CPU build
     python benchmarks/compare_pytorch.py [--variant=paper] [--batch_size=64] [--rounds=5] [--json]
 
-The three run the identical architecture (alexnet_jax/torch_alexnet.py for PyTorch: grouped
+The three run the identical architecture (benchmarks/torch_alexnet.py for PyTorch: grouped
 convolutions for the towers, the paper's LRN within each tower, dropout after fc6 and fc7; the
 TensorFlow model below: each tower a convolution of its own, `tf.nn.local_response_normalization`)
 with the same weights: before timing, the script checks that the three give the same logits on
-the same images (weights converted by convert_torchvision.to_torch) and refuses to time models
+the same images (weights converted by torch_alexnet.to_torch) and refuses to time models
 that differ. Each framework's step is a whole SGD step (momentum 0.9, weight decay 5e-4 on the
 kernels, dropout on) at the same global batch; ours is the step launch.py runs (train.Trainer
 on one device, fed uint8 crops that it normalises on the device), the others take normalised
@@ -16,7 +16,7 @@ float images. Every round times --steps steps of each framework in turn (A B C D
 after --settle untimed ones, so a slow spell of the machine falls on all of them; the ratios
 are per round.
 
-Ours runs in this process, set up as launch.py sets it up (cluster.prepare_backend: its XLA
+Ours runs in this process, set up as launch.py sets it up (backend.prepare_backend: its XLA
 flags, and glibc's malloc keeping freed memory for XLA's CPU buffers); each other framework
 runs in a process of its own, idle while the others run, with glibc's malloc as it comes, as
 its users run it (--others_malloc=kept gives them ours). Sharing one process, the frameworks'
@@ -54,7 +54,7 @@ _OTHERS_MALLOC = flags.DEFINE_enum(
     "system",
     ["system", "kept"],
     "The other frameworks' processes: glibc's malloc as it comes, or kept as ours "
-    "(cluster.keep_freed_memory).",
+    "(backend.keep_freed_memory).",
 )
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 
@@ -109,17 +109,18 @@ class JaxStep:
 
 
 class TorchStep:
-    """alexnet_jax.torch_alexnet with SGD as torch.optim has it (decay on weights only)."""
+    """benchmarks/torch_alexnet.py with SGD as torch.optim has it (decay on weights only)."""
 
     def __init__(self, variant: str, params: dict, x: np.ndarray, labels: np.ndarray):
         import torch
 
-        from alexnet_jax import convert_torchvision, torch_alexnet
+        from alexnet_jax import convert_torchvision
+        from benchmarks import torch_alexnet
 
         self.torch = torch
         self.model = torch_alexnet.build(variant)
         keys = convert_torchvision.layer_keys(self.model.state_dict())
-        weights = convert_torchvision.to_torch(params, keys)
+        weights = torch_alexnet.to_torch(params, keys)
         self.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
         decay = [p for n, p in self.model.named_parameters() if n.endswith("weight")]
         rest = [p for n, p in self.model.named_parameters() if not n.endswith("weight")]
@@ -246,9 +247,9 @@ def _timed(step, settle: int, steps: int) -> float:
 def _serve(conn, name: str, variant: str, params, x, labels, kept: bool) -> None:
     """A framework's own process: build its step, then answer the parent's requests."""
     if kept:
-        from alexnet_jax import cluster
+        from alexnet_jax import backend
 
-        cluster.keep_freed_memory()
+        backend.keep_freed_memory()
     if name == "torch":
         import torch
 
@@ -381,10 +382,10 @@ def table(r: dict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    from alexnet_jax import cluster
+    from alexnet_jax import backend
 
     # The XLA flags and malloc settings launch.py runs with, before any backend starts.
-    cluster.prepare_backend()
+    backend.prepare_backend()
     frameworks = [f.strip() for f in _FRAMEWORKS.value]
     unknown = set(frameworks) - set(NAMES)
     if unknown or "jax" not in frameworks:

@@ -154,10 +154,10 @@ def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[
 
 def main(argv: list[str]) -> None:
     del argv
-    from alexnet_jax import cluster
+    from alexnet_jax import backend
 
     # The XLA flags launch.py runs with, before any backend starts (the step rate).
-    cluster.prepare_backend()
+    backend.prepare_backend()
 
     from alexnet_jax import input_pipeline as ip
     from alexnet_jax import paper256, sources

@@ -15,9 +15,9 @@ so the peak is the machine's, measured once; on GPUs and TPUs it is one device's
 devices.
 
 Ablations, one per run: --plain_ops=lrn,pool traces LRN and max-pooling with their plain
-definitions (ops.plain); --ynnpack leaves XLA's default CPU convolutions and dots (YNNPACK's)
-in place of cluster.CPU_XLA_FLAGS; --system_malloc leaves glibc's malloc as it comes
-(without cluster.keep_freed_memory).
+definitions (AlexNet.plain_ops); --ynnpack leaves XLA's default CPU convolutions and dots
+(YNNPACK's) in place of backend.CPU_XLA_FLAGS; --system_malloc leaves glibc's malloc as it comes
+(without backend.keep_freed_memory).
 
 A/B in one process: --against='{"xla_cpu_experimental_ynn_fusion_type": ""}' (XLA compiler
 options, JSON) and/or --against_plain_ops=lrn compile the step a second time and time the two
@@ -78,7 +78,7 @@ def forward_macs(model, params, image_size: int) -> int:
 
 def matmul_peak(dtype: str, n: int = 4096) -> float:
     """FLOP/s of an n x n matmul on the first device, best of 5. On the CPU, the better of
-    YNNPACK's dots (cluster.CPU_XLA_FLAGS) and XLA's own Eigen dots, the faster at this size:
+    YNNPACK's dots (backend.CPU_XLA_FLAGS) and XLA's own Eigen dots, the faster at this size:
     the peak must not fall with the library the step's dense layers run on."""
     import jax
     import jax.numpy as jnp
@@ -146,15 +146,14 @@ def _program(config, mesh, plain_ops: tuple[str, ...] = (), options: dict | None
     """The compiled step (`plain_ops` traced plainly, XLA compiler `options`), its Trainer,
     a fresh state, a synthetic batch with its constants and zero sums, and the seconds that
     tracing and compiling took."""
-    from alexnet_jax import ops, train
+    from alexnet_jax import train
 
-    trainer = train.Trainer(config, mesh)
+    trainer = train.Trainer(config, mesh, plain_ops)
     state = trainer.init_state(config.seed)
     batch, consts = synthetic_batch(config, mesh, trainer)
     sums = trainer.zero_sums()
     start = time.perf_counter()
-    with ops.plain(*plain_ops):
-        lowered = trainer.train_step.lower(state, batch, sums, consts)
+    lowered = trainer.train_step.lower(state, batch, sums, consts)
     compiled = lowered.compile(compiler_options=options or None)
     return compiled, trainer, state, batch, sums, consts, time.perf_counter() - start
 
@@ -180,10 +179,13 @@ def measure(
     warmup: int = 2,
     peak_flops: float | None = None,
     plain_ops: tuple[str, ...] = (),
+    freed_memory_kept: bool = False,
 ) -> dict:
+    """The step's figures as one JSON-able dict; `freed_memory_kept`: what
+    backend.prepare_backend returned in this process."""
     import jax
 
-    from alexnet_jax import cluster, report
+    from benchmarks import report
 
     config, mesh = _checked(config)
     compiled, trainer, state, batch, sums, consts, compile_s = _program(config, mesh, plain_ops)
@@ -227,7 +229,7 @@ def measure(
         "memory_bytes_per_device": mem,
         "plain_ops": sorted(plain_ops),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "freed_memory_kept": cluster.keeping_freed_memory(),
+        "freed_memory_kept": freed_memory_kept,
     }
 
 
@@ -320,10 +322,10 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     import jax
 
-    from alexnet_jax import cluster
+    from alexnet_jax import backend
 
     # The XLA flags and malloc settings launch.py runs with, before any backend starts.
-    cluster.prepare_backend(cpu_flags=not FLAGS.ynnpack, cpu_malloc=not FLAGS.system_malloc)
+    kept = backend.prepare_backend(cpu_flags=not FLAGS.ynnpack, cpu_malloc=not FLAGS.system_malloc)
 
     # Only the CPU backend reads this: on GPU/TPU the real devices are used.
     wanted = FLAGS.devices or max(config.mesh.data, 1) * config.mesh.model
@@ -342,7 +344,7 @@ def main(argv: list[str]) -> None:
             print(json.dumps(result) if FLAGS.json else ab_table(result))
             return
         result = measure(
-            config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_flops, tuple(FLAGS.plain_ops)
+            config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_flops, tuple(FLAGS.plain_ops), kept
         )
     except (UsageError, json.JSONDecodeError) as e:
         print(f"train_step.py: error: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@
 
 The paper's structure (5 conv, 3 FC, two towers, LRN, overlapping pooling, dropout) at half
 width on 99x99 inputs (the 8x8 digits upsampled). Expected: held-out top-1 error of a few
-percent or less after 250 steps; README.md has the measured time and error.
+percent or less after 250 steps (README.md, "Expected results", has the measured figure).
 """
 
 import ml_collections

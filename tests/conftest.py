@@ -9,10 +9,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from alexnet_jax import cluster  # noqa: E402
+from alexnet_jax import backend  # noqa: E402
 
 # The XLA flags launch.py runs with, before any backend starts.
-cluster.prepare_backend()
+backend.prepare_backend()
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any device is touched
 jax.config.update("jax_numpy_rank_promotion", "raise")

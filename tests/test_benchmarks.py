@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from alexnet_jax import cluster
+from alexnet_jax import backend
 
 # The paper's structure at 1/8 width on 67x67 inputs: the real step, compiled in seconds.
 TINY = (
@@ -54,8 +54,8 @@ def test_the_train_step_benchmark_prints_its_json(mesh):
     assert 1e8 < out["flops_per_step_analytic"] < 1e9 and out["flops_per_step_xla"] > 0
     assert out["mfu"] == pytest.approx(out["flops_per_sec_analytic"] / 1e12)
     assert out["peak_from"] == "--peak_flops" and out["compile_seconds"] > 0
-    assert out["plain_ops"] == [] and cluster.CPU_XLA_FLAGS[0] in out["xla_flags"]
-    # launch.py's malloc settings too, where glibc is the C library (cluster.keep_freed_memory)
+    assert out["plain_ops"] == [] and backend.CPU_XLA_FLAGS[0] in out["xla_flags"]
+    # launch.py's malloc settings too, where glibc is the C library (backend.keep_freed_memory)
     assert out["freed_memory_kept"] == (platform.libc_ver()[0] == "glibc")
     mem = out["memory_bytes_per_device"]
     assert mem["peak"] == mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]

@@ -14,7 +14,7 @@ from conftest import CACHE, REPO, tiny_config, tiny_flags
 from etils.epath import gpath as epath_gpath
 from etils.epath import testing as epath_testing
 
-from alexnet_jax import UsageError, cluster, train
+from alexnet_jax import UsageError, backend, cluster, lifecycle, train
 
 
 def _slurm(ntasks, per_node, localid, nodeid=0, **extra):
@@ -125,21 +125,21 @@ def test_visible_gpus():
 
 
 def test_xla_flags_add_ours_and_keep_the_users():
-    gpu, cpu = cluster.GPU_XLA_FLAGS[0], cluster.CPU_XLA_FLAGS[0]
-    assert cluster.xla_flags("") == f"{gpu} {cpu}"
-    assert cluster.xla_flags("--xla_force_host_platform_device_count=4") == (
+    gpu, cpu = backend.GPU_XLA_FLAGS[0], backend.CPU_XLA_FLAGS[0]
+    assert backend.xla_flags("") == f"{gpu} {cpu}"
+    assert backend.xla_flags("--xla_force_host_platform_device_count=4") == (
         f"--xla_force_host_platform_device_count=4 {gpu} {cpu}"
     )
     mine = gpu.replace("=true", "=false")
-    assert cluster.xla_flags(mine) == f"{mine} {cpu}"
+    assert backend.xla_flags(mine) == f"{mine} {cpu}"
     ynn = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"  # a user's choice stays
-    assert cluster.xla_flags(ynn) == f"{ynn} {gpu}"
-    assert cluster.dispatch_depth("cpu") == 1 and cluster.dispatch_depth("gpu") > 1
+    assert backend.xla_flags(ynn) == f"{ynn} {gpu}"
+    assert backend.dispatch_depth("cpu") == 1 and backend.dispatch_depth("gpu") > 1
 
 
 def test_on_the_cpu_ynnpack_runs_the_dots_and_not_the_convolutions():
     """The flags conftest.py set as launch.py does: dense layers' dots go to YNNPACK, the
-    convolutions stay with XLA's own kernels (see cluster.CPU_XLA_FLAGS)."""
+    convolutions stay with XLA's own kernels (see backend.CPU_XLA_FLAGS)."""
     import re
 
     import jax.numpy as jnp
@@ -159,8 +159,8 @@ def test_on_the_cpu_ynnpack_runs_the_dots_and_not_the_convolutions():
 _FAULTS = """
 import resource, sys
 sys.path[:0] = ["benchmarks", "."]
-from alexnet_jax import cluster
-kept = cluster.prepare_backend(cpu_malloc=sys.argv[1] == "kept")
+from alexnet_jax import backend
+kept = backend.prepare_backend(cpu_malloc=sys.argv[1] == "kept")
 import jax
 from alexnet_jax import parallel, train
 from configs import alexnet
@@ -207,31 +207,31 @@ def test_on_the_cpu_the_step_reuses_freed_memory_instead_of_faulting_it_in():
 
 
 def test_malloc_is_kept_only_where_jax_computes_on_the_cpu(monkeypatch):
-    assert cluster.runs_on_cpu({"JAX_PLATFORMS": "cpu"})
-    assert not cluster.runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
-    assert not cluster.runs_on_cpu({"JAX_PLATFORMS": "tpu"})
-    monkeypatch.setattr(cluster.metadata, "entry_points", lambda group: ["xla_cuda12"])
-    assert not cluster.runs_on_cpu({})  # an accelerator plugin installed
-    monkeypatch.setattr(cluster.metadata, "entry_points", lambda group: [])
-    assert cluster.runs_on_cpu({})
+    assert backend.runs_on_cpu({"JAX_PLATFORMS": "cpu"})
+    assert not backend.runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not backend.runs_on_cpu({"JAX_PLATFORMS": "tpu"})
+    monkeypatch.setattr(backend.metadata, "entry_points", lambda group: ["xla_cuda12"])
+    assert not backend.runs_on_cpu({})  # an accelerator plugin installed
+    monkeypatch.setattr(backend.metadata, "entry_points", lambda group: [])
+    assert backend.runs_on_cpu({})
 
 
 # --------------------------------------------------------------------------------- workdirs
 
 
 def test_workdir_urls_stay_urls():
-    assert os.fspath(cluster.workdir_path("gs://bucket/run") / "checkpoints") == (
+    assert os.fspath(lifecycle.workdir_path("gs://bucket/run") / "checkpoints") == (
         "gs://bucket/run/checkpoints"
     )
     home = os.path.expanduser("~")
-    assert os.fspath(cluster.workdir_path("~/run")) == os.path.join(home, "run")
-    assert os.path.isabs(cluster.workdir_path("relative/run"))
+    assert os.fspath(lifecycle.workdir_path("~/run")) == os.path.join(home, "run")
+    assert os.path.isabs(lifecycle.workdir_path("relative/run"))
 
 
 def test_the_compilation_cache_may_be_a_url():
-    assert cluster.compilation_cache_dir("gs://bucket/xla") == "gs://bucket/xla"
-    assert cluster.compilation_cache_dir("~/xla") == os.path.join(os.path.expanduser("~"), "xla")
-    assert cluster.compilation_cache_dir("") is None
+    assert backend.compilation_cache_dir("gs://bucket/xla") == "gs://bucket/xla"
+    assert backend.compilation_cache_dir("~/xla") == os.path.join(os.path.expanduser("~"), "xla")
+    assert backend.compilation_cache_dir("") is None
 
 
 def _redirect(root):

@@ -2,7 +2,7 @@
 that predict, the eval mode and fine-tuning take as it is, and clear refusals.
 
 torch comes with the test extra (the CPU build); torchvision does not load beside it, so the
-torch model is alexnet_jax.torch_alexnet's, which has torchvision's structure and keys."""
+torch model is benchmarks/torch_alexnet.py's, which has torchvision's structure and keys."""
 
 import json
 import subprocess
@@ -19,10 +19,10 @@ from alexnet_jax import (  # noqa: E402
     checkpoint,
     input_pipeline,
     load_checkpoint,
-    torch_alexnet,
 )
 from alexnet_jax import convert_torchvision as ct  # noqa: E402
 from alexnet_jax.model import AlexNet  # noqa: E402
+from benchmarks import torch_alexnet  # noqa: E402
 
 TORCHVISION_KEYS = [  # torchvision.models.alexnet().state_dict().keys()
     f"{part}.{i}.{p}"
@@ -69,7 +69,7 @@ def test_logits_equal_torch_and_fc6_needs_its_reorder(variant, size, scale):
     wrong = np.asarray(AlexNet(variant=variant).apply({"params": params}, x))
     assert _rel(wrong, want) > 0.1
     # And back: the same state dict, bit for bit.
-    back = ct.to_torch(ct.from_torch(sd), ct.layer_keys(sd))
+    back = torch_alexnet.to_torch(ct.from_torch(sd), ct.layer_keys(sd))
     assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
 
 

@@ -40,7 +40,7 @@ def _on_device(batch, p, mesh):
     """Normalise a host batch of uint8 crops as the steps do, on `mesh`."""
     glob = parallel.global_batch(mesh, batch, len(batch["labels"]))
     raw = {k: glob[k] for k in device_input.KEYS if k in glob}
-    consts = device_input.constants(p)
+    consts = input_pipeline.device_constants(p)
     return np.asarray(jax.jit(parallel.batch_fn(device_input.normalize, mesh))(raw, consts))
 
 
@@ -115,5 +115,5 @@ def test_a_uint8_batch_without_its_statistics_is_refused(tiny):
     mesh = parallel.create_mesh(1, 1)
     trainer = train.Trainer(config, mesh)
     batch = parallel.global_batch(mesh, _train_batch(config, source, p, True), config.batch_size)
-    with pytest.raises(ValueError, match="needs device_input.constants"):
+    with pytest.raises(ValueError, match="needs input_pipeline.device_constants"):
         trainer.train_step(trainer.init_state(0), batch)

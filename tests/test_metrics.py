@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from alexnet_jax.metrics import Accumulator, MetricsWriter, layer_table, means
-from alexnet_jax.model import AlexNet
+from alexnet_jax.metrics import Accumulator, MetricsWriter, means
+from alexnet_jax.model import AlexNet, layer_table
 
 
 def test_means_of_summed_metrics():

@@ -77,19 +77,22 @@ def test_bfloat16_pooling_gradient():
     np.testing.assert_array_equal(grad, want)
 
 
-def test_plain_swaps_the_definitions_inside_its_block_only():
-    x = jax.random.normal(jax.random.PRNGKey(5), (1, 9, 9, 4))
+def test_the_model_traces_the_plain_definitions_it_is_given_only():
+    from alexnet_jax.model import AlexNet
 
-    def grad_jaxpr():
-        return str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(ops.pool(x, 3, 2))))(x))
+    x = jax.random.normal(jax.random.PRNGKey(5), (1, 67, 67, 3))
 
-    assert "select_and_scatter" not in grad_jaxpr()
-    with ops.plain("pool"):
-        assert "select_and_scatter" in grad_jaxpr()
-        np.testing.assert_array_equal(ops.pool(x, 3, 2), ops.max_pool(x, 3, 2))
-        lrn_jaxpr = str(jax.make_jaxpr(lambda x: ops.local_response_norm(x, 2))(x))
-        assert "dot_general" not in lrn_jaxpr  # LRN stays the fast one
-    assert "select_and_scatter" not in grad_jaxpr()
+    def grad_jaxpr(**fields):
+        model = AlexNet(num_classes=4, width=0.125, **fields)
+        params = model.init(jax.random.PRNGKey(0), x)["params"]
+        loss = lambda x: jnp.sum(model.apply({"params": params}, x))
+        return str(jax.make_jaxpr(jax.grad(loss))(x))
+
+    fast, plain_pool = grad_jaxpr(), grad_jaxpr(plain_ops=("pool",))
+    assert "select_and_scatter" not in fast
+    assert "select_and_scatter" in plain_pool
+    assert "dot_general" not in plain_pool.split("conv_general_dilated")[1]  # LRN stays fast
+    assert "select_and_scatter" not in grad_jaxpr(plain_ops=("lrn",))
+    np.testing.assert_array_equal(ops.pool(x, 3, 2, plain=True), ops.max_pool(x, 3, 2))
     with pytest.raises(ValueError, match="unknown ops \\['lrm'\\]"):
-        with ops.plain("lrm"):
-            pass
+        AlexNet(plain_ops=("lrm",))

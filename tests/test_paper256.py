@@ -222,7 +222,7 @@ def test_the_crop_window_path_equals_decoding_the_whole_image(prepared):
     # Normalised on the device, with the mean image's windows: the host's float32 path.
     host, _ = _stream(source, 0, 4, on_device=False)
     norm = jax.jit(device_input.normalize)
-    consts = device_input.constants(p)
+    consts = ip.device_constants(p)
     for a, b in zip(fast, host, strict=True):
         raw = {k: a[k] for k in device_input.KEYS}
         np.testing.assert_allclose(norm(raw, consts), b["images"], rtol=1e-5, atol=1e-4)

@@ -7,8 +7,9 @@ import sys
 import pytest
 from conftest import REPO
 
-from alexnet_jax import parallel, report
+from alexnet_jax import parallel
 from alexnet_jax.model import AlexNet
+from benchmarks import report
 from configs import alexnet
 
 

@@ -1,6 +1,6 @@
 """AlexNet in PyTorch, built from the same layer specs as model.py: the reference that weight
-conversion is tested against and that benchmarks/compare_pytorch.py times. Needs torch
-(`pip install -e ".[torch]"`); nothing else in the package imports this module.
+conversion is tested against and that benchmarks/compare_pytorch.py times, and `to_torch`, our
+parameters as its state dict. Needs torch (`pip install -e ".[torch]"`).
 
 `build("owt")` has torchvision's module structure and state-dict keys (`features.0.weight` ...
 `classifier.6.bias`), so torchvision's own `.pth` files load into it; `build("paper")` is the
@@ -10,9 +10,14 @@ fc6 and fc7.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
+from alexnet_jax import convert_torchvision
 from alexnet_jax.model import FC_FEATURES, OWT_CONVS, PAPER_CONVS, VARIANTS
 from alexnet_jax.ops import LRN_ALPHA, LRN_BETA, LRN_K, LRN_N
 
@@ -77,3 +82,17 @@ def build(variant: str = "owt", num_classes: int = 1000, dropout: float = 0.5) -
     if not paper:  # torchvision's order: dropout before fc6 and fc7 (model.py's owt variant)
         fc = [fc[2], fc[0], fc[1], fc[5], fc[3], fc[4], fc[6]]
     return AlexNet(nn.Sequential(*layers), nn.Sequential(*fc))
+
+
+def to_torch(params: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """The inverse of convert_torchvision.from_torch, under the torch names `keys`
+    (convert_torchvision.layer_keys)."""
+    out = {}
+    conv5_channels = np.shape(params["conv5"]["kernel"])[-1]
+    for name in convert_torchvision.CONVS + convert_torchvision.DENSES:
+        k = np.asarray(params[name]["kernel"], np.float32)
+        if name == "fc6":
+            k = convert_torchvision.fc6_rows(k, conv5_channels, "hwc", "chw")
+        out[keys[name] + ".weight"] = k.transpose(3, 2, 0, 1) if k.ndim == 4 else k.T
+        out[keys[name] + ".bias"] = np.asarray(params[name]["bias"], np.float32)
+    return {k: np.array(v, np.float32, order="C") for k, v in out.items()}  # writable copies
