@@ -1,8 +1,12 @@
-"""The package's imports run one way: no module imports one that imports it back."""
+"""The package's imports run one way: down the layers that README.md's layout lists, top to
+bottom, so no module imports one that imports it back."""
 
 import ast
 import gc
 import graphlib
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +80,64 @@ def test_a_cycle_would_be_found(tmp_path):
     planted.write_text(planted.read_text() + "\n\ndef f():\n    from alexnet_jax import train\n")
     with pytest.raises(graphlib.CycleError):
         list(graphlib.TopologicalSorter(import_graph(fake)).static_order())
+
+
+def readme_layers(readme: Path = REPO / "README.md") -> list[str]:
+    """The package's modules as README.md's layout lists them, top layer first."""
+    text = readme.read_text()
+    layout = text[text.index("## Layout") :]
+    block = layout[layout.index("```") + 3 :]
+    block = block[: block.index("```")]
+    return re.findall(r"^  (\w+)\.py\b", block, re.MULTILINE)
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[str]) -> list[str]:
+    """'a -> b' for every import of a module b listed above a (or beside the package's facade)."""
+    rank = {m: i for i, m in enumerate(layers)}
+    return sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if m != "__init__"
+        for d in deps
+        if d == "__init__" or rank[d] <= rank[m]
+    )
+
+
+def test_the_readme_lists_every_module_once():
+    layers = readme_layers()
+    assert len(layers) == len(set(layers))
+    assert set(layers) == set(import_graph()) - {"__init__"}
+
+
+def test_every_import_runs_down_the_layers_of_the_readme():
+    assert upward_imports(import_graph(), readme_layers()) == []
+
+
+def test_an_upward_import_would_be_found(tmp_path):
+    """The check itself can fail: a lazy import of metrics planted in paper256, which sits
+    below it, and one of the package's facade."""
+    fake = tmp_path / "alexnet_jax"
+    fake.mkdir()
+    for p in PACKAGE.glob("*.py"):
+        (fake / p.name).write_text(p.read_text())
+    planted = fake / "paper256.py"
+    planted.write_text(planted.read_text() + "\n\ndef f():\n    from alexnet_jax import metrics\n")
+    planted = fake / "ops.py"
+    planted.write_text(
+        planted.read_text() + "\n\ndef g():\n    from alexnet_jax import UsageError\n"
+    )
+    found = upward_imports(import_graph(fake), readme_layers())
+    assert found == ["ops -> __init__", "paper256 -> metrics"]
+
+
+def test_importing_the_package_loads_neither_tensorflow_nor_orbax():
+    code = (
+        "import sys, alexnet_jax\n"
+        "print(sorted(m for m in ('tensorflow', 'orbax.checkpoint') if m in sys.modules))\n"
+        "alexnet_jax.load_checkpoint  # used: now they load\n"
+        "print(sorted(m for m in ('tensorflow', 'orbax.checkpoint') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout.splitlines()
+    assert out == ["[]", "['orbax.checkpoint', 'tensorflow']"]
