@@ -1,5 +1,6 @@
 """A run left alone: SIGTERM/SIGINT stop it with a checkpoint, one run per workdir, a save cut
-short by SIGKILL costs only that save."""
+short by SIGKILL costs only that save; workdirs that are URLs, and processes that do not share
+theirs."""
 
 import json
 import os
@@ -12,10 +13,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_flags
+from conftest import CACHE, REPO, tiny_config, tiny_flags
+from etils.epath import gpath as epath_gpath
+from etils.epath import testing as epath_testing
 from test_launch import launch, metrics
 
-from alexnet_jax import UsageError, lifecycle, load_checkpoint
+from alexnet_jax import UsageError, lifecycle, load_checkpoint, train
 
 
 def test_a_second_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
@@ -36,7 +39,6 @@ def test_a_second_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
 def test_a_workdir_without_os_locks_holds_a_lock_object_with_a_heartbeat(tmp_path, monkeypatch):
     from etils import epath
     from etils.epath import gpath
-    from test_cluster import _redirect
 
     monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # etils' own gs:// backend
     lock_file = tmp_path / "bucket" / "run" / "run.lock"
@@ -172,3 +174,104 @@ def test_a_run_killed_while_saving_restarts_from_the_newest_complete_checkpoint(
     assert a.step == b.step == 12
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
     assert [m["step"] for m in metrics(broken)] == [m["step"] for m in metrics(whole)]
+
+
+# --------------------------------------------------------------------------------- workdirs
+
+
+def test_workdir_urls_stay_urls():
+    assert os.fspath(lifecycle.workdir_path("gs://bucket/run") / "checkpoints") == (
+        "gs://bucket/run/checkpoints"
+    )
+    home = os.path.expanduser("~")
+    assert os.fspath(lifecycle.workdir_path("~/run")) == os.path.join(home, "run")
+    assert os.path.isabs(lifecycle.workdir_path("relative/run"))
+
+
+def _redirect(root):
+    """mock_epath functions that send gs://... to the local directory `root`."""
+
+    def local(path):
+        text = os.fspath(path)
+        assert not text.startswith("/gs/"), text  # a URL mangled into a local path
+        return text.replace("gs://", f"{root}/", 1) if text.startswith("gs://") else text
+
+    def paths_first(n):
+        return lambda fn, *a, **k: fn(*[local(p) for p in a[:n]], *a[n:], **k)
+
+    fns = "exists glob isdir listdir makedirs mkdir open remove rmtree stat walk".split()
+    return {
+        **{f: paths_first(1) for f in fns},
+        **{f: paths_first(2) for f in ("rename", "replace", "copy")},
+    }
+
+
+def test_a_gs_workdir_reaches_every_writer_as_a_url(tmp_path, monkeypatch):
+    """A run with --workdir=gs://bucket/run, its gs:// traffic sent to tmp_path/bucket: Orbax,
+    TensorBoard, metrics.jsonl and the statistics cache each get the URL (Orbax's array
+    writes go through TensorStore, so its directory is redirected after it is recorded)."""
+    from alexnet_jax import checkpoint, metrics
+
+    seen = {}
+    real_manager, real_tb = checkpoint.ocp.CheckpointManager, metrics.tf.summary.create_file_writer
+
+    def manager(directory, **kw):
+        seen["orbax"] = os.fspath(directory)
+        return real_manager(os.fspath(directory).replace("gs://", f"{tmp_path}/"), **kw)
+
+    def tb(logdir, *a, **kw):
+        seen["tensorboard"] = logdir
+        return real_tb(logdir.replace("gs://", f"{tmp_path}/"), *a, **kw)
+
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", manager)
+    monkeypatch.setattr(metrics.tf.summary, "create_file_writer", tb)
+    monkeypatch.chdir(tmp_path)  # a URL mangled into a relative path would land here
+    # With TensorFlow installed etils sends gs:// to tf.io.gfile, around mock_epath's backend.
+    monkeypatch.setattr(epath_gpath, "_is_tf_installed", lambda: False)
+    config = tiny_config(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2)
+    with epath_testing.mock_epath(**_redirect(tmp_path)):
+        train.train_and_evaluate(config, "gs://bucket/run")
+    assert seen == {
+        "orbax": "gs://bucket/run/checkpoints",
+        "tensorboard": "gs://bucket/run/tensorboard",
+    }
+    run = tmp_path / "bucket" / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "train/loss" in x] == [1, 2]
+    assert (run / "input_stats.json").exists() and (run / "checkpoints" / "2").is_dir()
+    assert not (tmp_path / "gs:").exists()
+
+
+@pytest.mark.slow  # two processes through launch.py
+def test_processes_with_different_workdirs_are_refused(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "launch.py"),
+                f"--config={REPO / 'configs/digits.py'}",
+                f"--workdir={tmp_path / f'own{i}'}",  # each its own: not shared
+                f"--compilation_cache_dir={CACHE}",
+                f"--coordinator_address={addr}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                *tiny_flags(num_train_steps=1),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 2, err[-2000:]
+        assert "processes [1] do not see what process 0 wrote in --workdir=" in err
+    assert not (tmp_path / "own0" / "checkpoints").exists()  # refused before anything is saved
