@@ -10,7 +10,7 @@ TensorFlow model below: each tower a convolution of its own, `tf.nn.local_respon
 with the same weights: before timing, the script checks that the three give the same logits on
 the same images (weights converted by torch_alexnet.to_torch) and refuses to time models
 that differ. Each framework's step is a whole SGD step (momentum 0.9, weight decay 5e-4 on the
-kernels, dropout on) at the same global batch; ours is the step launch.py runs (train.Trainer
+kernels, dropout on) at the same global batch; ours is the step launch.py runs (steps.Trainer
 on one device, fed uint8 crops that it normalises on the device), the others take normalised
 float images. Every round times --steps steps of each framework in turn (A B C D, A B C D, ...),
 after --settle untimed ones, so a slow spell of the machine falls on all of them; the ratios
@@ -60,7 +60,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the t
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 NAMES = {
-    "jax": "alexnet_jax (train.Trainer, XLA)",
+    "jax": "alexnet_jax (steps.Trainer, XLA)",
     "torch": "PyTorch eager",
     "tf": "TensorFlow graph",
     "tf_xla": "TensorFlow graph, jit_compile (XLA)",
@@ -77,15 +77,15 @@ def _config(variant: str, batch: int):
 
 
 class JaxStep:
-    """train.Trainer's step on one device, on a synthetic uint8 batch."""
+    """steps.Trainer's step on one device, on a synthetic uint8 batch."""
 
     def __init__(self, config):
         from train_step import synthetic_batch
 
-        from alexnet_jax import parallel, train
+        from alexnet_jax import parallel, steps
 
         mesh = parallel.create_mesh(1, 1)
-        self.trainer = train.Trainer(config, mesh)
+        self.trainer = steps.Trainer(config, mesh)
         self.state = self.trainer.init_state(config.seed)
         self.batch, self.consts = synthetic_batch(config, mesh, self.trainer)
         self.sums = self.trainer.zero_sums()

@@ -269,14 +269,14 @@ def step_rate() -> float:
     import jax
     from train_step import synthetic_batch  # the sibling benchmark's batch
 
-    from alexnet_jax import parallel, train
+    from alexnet_jax import parallel, steps
     from configs import alexnet
 
     config = alexnet.get_config()
     config.batch_size = _STEP_BATCH.value
     config.mesh.data = 1
     mesh = parallel.create_mesh(1, 1)
-    trainer = train.Trainer(config, mesh)
+    trainer = steps.Trainer(config, mesh)
     state = trainer.init_state(0)
     batch, consts = synthetic_batch(config, mesh, trainer)
     state, m = trainer.train_step(state, batch, None, consts)  # compile

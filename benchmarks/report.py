@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from alexnet_jax import parallel, train
+from alexnet_jax import parallel, steps
 from alexnet_jax.model import AlexNet
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
@@ -197,7 +197,7 @@ def label(found: list[Collective], exp: Expected, n_model: int) -> None:
 
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple:
-    trainer = train.Trainer(config, mesh)
+    trainer = steps.Trainer(config, mesh)
     s = config.input.image_size
     shard = parallel.batch_sharded(mesh)
     batch = {

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --config=configs/alexnet.py --config.batch_size=64 \
         --config.mesh.data=1 [--devices=8] [--steps=10] [--peak_flops=...] [--json]
 
-Compiles the step launch.py runs (train.Trainer, fed uint8 crops that it normalises on the
+Compiles the step launch.py runs (steps.Trainer, fed uint8 crops that it normalises on the
 device, as configs/alexnet.py trains) for the config's mesh and dtype, and times it on
 synthetic batches: each timed step is waited for, after --warmup untimed ones. FLOPs come two
 ways: XLA's cost analysis of the compiled program (per device, times the devices) and the
@@ -146,9 +146,9 @@ def _program(config, mesh, plain_ops: tuple[str, ...] = (), options: dict | None
     """The compiled step (`plain_ops` traced plainly, XLA compiler `options`), its Trainer,
     a fresh state, a synthetic batch with its constants and zero sums, and the seconds that
     tracing and compiling took."""
-    from alexnet_jax import train
+    from alexnet_jax import steps
 
-    trainer = train.Trainer(config, mesh, plain_ops)
+    trainer = steps.Trainer(config, mesh, plain_ops)
     state = trainer.init_state(config.seed)
     batch, consts = synthetic_batch(config, mesh, trainer)
     sums = trainer.zero_sums()

@@ -51,13 +51,13 @@ sys.path[:0] = ["benchmarks", "."]
 from alexnet_jax import backend
 kept = backend.prepare_backend(cpu_malloc=sys.argv[1] == "kept")
 import jax
-from alexnet_jax import parallel, train
+from alexnet_jax import parallel, steps, train
 from configs import alexnet
 from train_step import synthetic_batch
 config = alexnet.get_config()
 config.batch_size, config.mesh.data, config.mesh.model = 16, 1, 1
 mesh = parallel.create_mesh(1, 1)
-trainer = train.Trainer(config, mesh)
+trainer = steps.Trainer(config, mesh)
 state, sums = trainer.init_state(0), trainer.zero_sums()
 batch, consts = synthetic_batch(config, mesh, trainer)
 faults = []

@@ -9,7 +9,15 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet_jax import UsageError, checkpoint, input_pipeline, load_checkpoint, parallel, train
+from alexnet_jax import (
+    UsageError,
+    checkpoint,
+    input_pipeline,
+    load_checkpoint,
+    parallel,
+    steps,
+    train,
+)
 
 
 def _states_equal(a, b) -> bool:
@@ -19,7 +27,7 @@ def _states_equal(a, b) -> bool:
 
 def test_round_trip(tiny, tmp_path):
     config = tiny()
-    trainer = train.Trainer(config, parallel.create_mesh(1, 1))
+    trainer = steps.Trainer(config, parallel.create_mesh(1, 1))
     saved = trainer.init_state(0)
     other = trainer.init_state(1)
     assert not _states_equal(saved, other)
@@ -33,7 +41,7 @@ def test_round_trip(tiny, tmp_path):
 
 def test_the_newest_of_several_checkpoints_is_restored(tiny, tmp_path):
     config = tiny()
-    trainer = train.Trainer(config, parallel.create_mesh(1, 1))
+    trainer = steps.Trainer(config, parallel.create_mesh(1, 1))
     states = {step: trainer.init_state(seed) for step, seed in ((2, 0), (6, 1), (4, 2))}
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3)
     for step, state in states.items():  # saved out of order: the newest is the highest step
@@ -49,7 +57,7 @@ def test_the_newest_of_several_checkpoints_is_restored(tiny, tmp_path):
 def _saved_at_step_4(config, workdir, state=None, mean_image_too=True):
     """A fresh state of `config` (or `state`) checkpointed at step 4, with a random mean image
     (as input.mean='image' runs save); returns the trainer."""
-    trainer = train.Trainer(config, parallel.create_mesh(1, 1))
+    trainer = steps.Trainer(config, parallel.create_mesh(1, 1))
     ckpt = checkpoint.Checkpointer(str(workdir))
     state = trainer.init_state(0) if state is None else state
     stats = input_pipeline.IMAGENET_STATS.to_dict()
@@ -90,7 +98,7 @@ def _layout_1_state(trainer):
 
 def test_a_checkpoint_of_an_earlier_state_layout_is_refused_but_its_parameters_load(tiny, tmp_path):
     config = tiny()
-    trainer = train.Trainer(config, parallel.create_mesh(1, 1))
+    trainer = steps.Trainer(config, parallel.create_mesh(1, 1))
     old = _layout_1_state(trainer)
     _saved_at_step_4(config, tmp_path, old, mean_image_too=False)
     data = tmp_path / "checkpoints" / "4" / "data" / "metadata"

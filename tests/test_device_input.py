@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import device_input, input_pipeline, parallel, sources, train
+from alexnet_jax import device_input, input_pipeline, parallel, sources, steps
 
 
 def _setup(tiny, **overrides):
@@ -88,7 +88,7 @@ def test_the_step_on_uint8_batches_equals_the_step_on_float_batches(tiny):
     results = []
     for mesh_shape, on_device in (((1, 1), False), ((2, 2), True)):
         mesh = parallel.create_mesh(*mesh_shape)
-        trainer = train.Trainer(config, mesh)
+        trainer = steps.Trainer(config, mesh)
         consts = trainer.input_constants(dataclasses.replace(p, on_device=on_device))
         assert (consts is not None) == on_device
         state = trainer.init_state(0)
@@ -104,7 +104,7 @@ def test_the_step_on_uint8_batches_equals_the_step_on_float_batches(tiny):
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-4)
     for k in ("loss", "count"):
         assert float(evals[k]) == pytest.approx(float(ref_eval[k]), rel=1e-4)
-    init = jax.device_get(train.Trainer(config, parallel.create_mesh(1, 1)).init_state(0).params)
+    init = jax.device_get(steps.Trainer(config, parallel.create_mesh(1, 1)).init_state(0).params)
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), ref, init)
     assert max(jax.tree.leaves(moved)) > 1e-4  # the steps changed the parameters
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), got, ref)
@@ -113,7 +113,7 @@ def test_the_step_on_uint8_batches_equals_the_step_on_float_batches(tiny):
 def test_a_uint8_batch_without_its_statistics_is_refused(tiny):
     config, source, p = _setup(tiny)
     mesh = parallel.create_mesh(1, 1)
-    trainer = train.Trainer(config, mesh)
+    trainer = steps.Trainer(config, mesh)
     batch = parallel.global_batch(mesh, _train_batch(config, source, p, True), config.batch_size)
     with pytest.raises(ValueError, match="needs input_pipeline.device_constants"):
         trainer.train_step(trainer.init_state(0), batch)

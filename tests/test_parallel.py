@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import UsageError, parallel, train
+from alexnet_jax import UsageError, parallel, steps
 from alexnet_jax.model import AlexNet
 from alexnet_jax.optimizer import Optimizer, set_learning_rate
 
@@ -52,7 +52,7 @@ def test_sharded_step_equals_single_device(tiny, dropout, classes):
     images = rng.normal(size=(8, 67, 67, 3)).astype(np.float32)
     labels = rng.integers(0, classes, 8).astype(np.int32)
     ref_mesh = parallel.create_mesh(1, 1)
-    ref_trainer = train.Trainer(base, ref_mesh)
+    ref_trainer = steps.Trainer(base, ref_mesh)
     params = jax.device_get(ref_trainer.init_state(0).params)
     masks = parallel.dropout_masks(jax.random.PRNGKey(3), ref_trainer.model, 8, 67, ref_mesh)
     masks = tuple(np.asarray(m) for m in masks)
@@ -64,7 +64,7 @@ def test_sharded_step_equals_single_device(tiny, dropout, classes):
     for data, model in MESHES:
         config = base.copy_and_resolve_references()
         config.mesh.data, config.mesh.model = data, model
-        trainer = train.Trainer(config, parallel.create_mesh(data, model))
+        trainer = steps.Trainer(config, parallel.create_mesh(data, model))
         fc8_split = parallel.tower_model(trainer.model, trainer.mesh).fc8_shards > 1
         assert fc8_split == (model == 2 and classes % 2 == 0)
         state = trainer.init_state(0)
@@ -92,7 +92,7 @@ def test_sharded_step_equals_single_device(tiny, dropout, classes):
 def test_ten_patch_eval_averages_the_softmax(tiny, mesh):
     config = tiny(**{"input.eval_ten_crop": True, "model.weight_init": "he", "batch_size": 4})
     config.mesh.data, config.mesh.model = mesh
-    trainer = train.Trainer(config, parallel.create_mesh(*mesh))
+    trainer = steps.Trainer(config, parallel.create_mesh(*mesh))
     state = trainer.init_state(0)
     rng = np.random.default_rng(1)
     images = rng.normal(size=(4, 10, 67, 67, 3)).astype(np.float32)
