@@ -133,36 +133,60 @@ def mask_spec(mesh: Mesh) -> P:
     return P(DATA, MODEL) if mesh.shape[MODEL] > 1 else P(DATA)
 
 
-def process_rows(
-    mesh: Mesh, batch_size: int, devices: Collection[jax.Device] | None = None
-) -> np.ndarray:
-    """The global batch rows that `devices` (default: this process's) hold, in order.
+def split_pairs(mesh: Mesh, batch_size: int) -> bool:
+    """Whether the two devices of a tower pair get their rows in halves: where a pair spans
+    processes (one process per device and mesh.model = 2), each process then reads and decodes
+    half of the pair's rows instead of both reading all of them."""
+    spans = any(len({d.process_index for d in pair}) > 1 for pair in mesh.devices)
+    return spans and batch_size % (mesh.shape[DATA] * mesh.shape[MODEL]) == 0
 
-    A process reads exactly these: with one process per device and mesh.model = 2, the two
-    devices of a tower pair belong to different processes and both need the same rows.
-    """
+
+def input_sharded(mesh: Mesh, split: bool) -> NamedSharding:
+    """How the host's rows reach the devices: as `batch_sharded`, or (`split`) each device of a
+    tower pair with its own half of the pair's rows, joined by `global_batch`."""
+    return NamedSharding(mesh, P((DATA, MODEL))) if split else batch_sharded(mesh)
+
+
+def process_rows(
+    mesh: Mesh,
+    batch_size: int,
+    devices: Collection[jax.Device] | None = None,
+    split: bool | None = None,
+) -> np.ndarray:
+    """The global batch rows that `devices` (default: this process's) read, in order: those
+    they hold, or with `split` (default: `split_pairs`) their half of each tower pair's."""
     devices = set(mesh.local_devices if devices is None else devices)
-    held = batch_sharded(mesh).devices_indices_map((batch_size,))
+    split = split_pairs(mesh, batch_size) if split is None else split
+    held = input_sharded(mesh, split).devices_indices_map((batch_size,))
     rows = {r for d, (s,) in held.items() if d in devices for r in range(*s.indices(batch_size))}
     return np.array(sorted(rows), np.int64)
 
 
 @functools.cache
-def _rows_here(mesh: Mesh, batch_size: int) -> int:
-    """How many rows this process holds: asked every step, so computed once."""
-    return len(process_rows(mesh, batch_size))
+def _input(mesh: Mesh, batch_size: int) -> tuple[NamedSharding, int, Callable | None]:
+    """The input sharding, how many rows this process reads, and (when the pairs' rows come
+    in halves) the jitted join that gathers them over MODEL: asked every step, so made once."""
+    split = split_pairs(mesh, batch_size)
+    join = jax.jit(_identity, out_shardings=batch_sharded(mesh)) if split else None
+    return input_sharded(mesh, split), len(process_rows(mesh, batch_size, split=split)), join
+
+
+def _identity(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return batch
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
     """This process's rows (`process_rows`) -> global arrays of `batch_size` rows over DATA."""
-    sharding, want = batch_sharded(mesh), _rows_here(mesh, batch_size)
+    sharding, want, join = _input(mesh, batch_size)
     out = {}
     for k, v in local.items():
         if len(v) != want:
             raise ValueError(f"{k}: this process holds {len(v)} rows of the batch, needs {want}")
         shape = (batch_size, *v.shape[1:])
         out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
-    return out
+    # Halves of the pairs' rows: the devices gather them, outside the train step, whose
+    # program (and the paper's communication pattern) stays the same.
+    return out if join is None else join(out)
 
 
 def prefetch(

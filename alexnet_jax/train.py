@@ -353,13 +353,15 @@ class _Run:
         self.data_meta = {"class_names": source.class_names, "stats": stats.to_dict()}
         self.total = num_train_steps(config, source.train.size)
         logging.info(
-            "mesh %s on %d devices; %d train / %d eval examples; %d steps of %d",
+            "mesh %s on %d devices; %d train / %d eval examples; %d steps of %d, of which this "
+            "process reads %d",
             dict(trainer.mesh.shape),
             jax.device_count(),
             source.train.size,
             source.eval.size,
             self.total,
             config.batch_size,
+            len(trainer.rows),
         )
         # A checkpoint is written before its step's evaluation (which may fail, e.g. on a bad
         # image), so a run resumed from one that was not evaluated evaluates it first: the

@@ -81,7 +81,7 @@ def _run_processes(workdir, n, devices_each):
 
 
 # (2, 2) keeps each tower pair inside one process; (4, 1) splits every pair over two processes,
-# which must then read the same rows.
+# each of which then reads and decodes half of the pair's rows.
 @pytest.mark.slow  # end-to-end runs of several processes, like the demos
 @pytest.mark.parametrize("n, devices_each", [(2, 2), (4, 1)])
 def test_processes_match_one(tmp_path, single, n, devices_each):
@@ -94,6 +94,8 @@ def test_processes_match_one(tmp_path, single, n, devices_each):
     assert a_eval["eval/count"] == b_eval["eval/count"] == 360
     assert (tmp_path / "checkpoints" / "4").is_dir()  # written by every process through Orbax
     assert "mesh {'data': 2, 'model': 2} on 4 devices" in outs[0]
+    # Of each global batch of 16, a process reads its pair's 8 rows, or half of them.
+    assert f"16, of which this process reads {16 // 2 // (2 // devices_each)}" in outs[0]
     for i, out in enumerate(outs):  # every process says what it drives
         assert f"process {i} of {n}: {devices_each} local cpu device(s)" in out
         assert "device(s) [" in out and "], 4 in all" in out

@@ -163,7 +163,7 @@ def test_each_device_set_reads_the_rows_its_devices_hold():
     mesh = parallel.create_mesh(2, 2)  # [[d0, d1], [d2, d3]]: a tower pair per row
     d = mesh.devices
     rows = lambda *devs: parallel.process_rows(mesh, 8, devs).tolist()
-    # One process per device: both devices of a pair read the pair's rows.
+    # Pairs not split (they do not span processes here): a device reads its pair's rows.
     assert rows(d[0, 0]) == rows(d[0, 1]) == [0, 1, 2, 3]
     assert rows(d[1, 0]) == rows(d[1, 1]) == [4, 5, 6, 7]
     assert rows(d[0, 0], d[0, 1]) == [0, 1, 2, 3]  # a process per pair
@@ -174,6 +174,38 @@ def test_each_device_set_reads_the_rows_its_devices_hold():
     first, second = mesh.devices.flat[:3], mesh.devices.flat[3:6]
     assert parallel.process_rows(mesh, 9, first).tolist() == list(range(6))
     assert parallel.process_rows(mesh, 9, second).tolist() == list(range(3, 9))
+
+
+def test_a_tower_pair_split_over_processes_reads_each_row_once():
+    """One process per device and mesh.model = 2: each device of a pair reads (and decodes)
+    half of the pair's rows, and global_batch joins the halves into the same global batch."""
+    mesh = parallel.create_mesh(2, 2)
+    d = mesh.devices
+    half = lambda dev: parallel.process_rows(mesh, 8, [dev], split=True).tolist()
+    assert [half(d[0, 0]), half(d[0, 1]), half(d[1, 0]), half(d[1, 1])] == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6, 7],
+    ]
+    whole = lambda dev: parallel.process_rows(mesh, 8, [dev], split=False).tolist()
+    assert whole(d[0, 0]) == whole(d[0, 1]) == half(d[0, 0]) + half(d[0, 1])
+    assert not parallel.split_pairs(mesh, 8)  # one process: its pairs span no processes
+
+    local = {"images": np.arange(8 * 3, dtype=np.uint8).reshape(8, 3), "labels": np.arange(8)}
+    plain = parallel.global_batch(mesh, local, 8)
+    parallel._input.cache_clear()
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(parallel, "split_pairs", lambda mesh, batch: True)
+            joined = parallel.global_batch(mesh, local, 8)
+    finally:
+        parallel._input.cache_clear()
+    for k in local:
+        assert joined[k].sharding == plain[k].sharding == parallel.batch_sharded(mesh)
+        np.testing.assert_array_equal(joined[k], plain[k])
+        for shard in joined[k].addressable_shards:  # every device holds its pair's rows
+            np.testing.assert_array_equal(shard.data, local[k][shard.index])
 
 
 def test_a_batch_of_the_wrong_size_is_refused():
