@@ -21,6 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from alexnet_jax import staging
 from alexnet_jax.errors import UsageError
 
 # TensorFlow is only the host-side input pipeline: keep it off the accelerators' memory.
@@ -355,14 +356,20 @@ def paper256_source(cfg: ml_collections.ConfigDict) -> Source:
     """ImageNet as the paper stored it (paper256.py), with its training set's statistics."""
     from alexnet_jax import paper256
 
-    data_dir = os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
-    directory = Path(data_dir) / paper256.NAME / paper256.VERSION
-    if not (directory / "dataset_info.json").exists():
-        raise UsageError(
+    data_dir = cfg.data_dir or "~/tensorflow_datasets"
+    if not staging.is_url(data_dir):
+        data_dir = os.path.expanduser(data_dir)
+
+    def not_prepared() -> UsageError:
+        return UsageError(
             f"{paper256.NAME} is not prepared in {data_dir}. Put {' and '.join(IMAGENET_TARS)} "
             f"in a directory TARS and run once:\n  python -m alexnet_jax.prepare_imagenet "
             f"--form=paper256 --data_dir={data_dir} --manual_dir=TARS"
+            + ("\n(then copy what it writes to the bucket)" if staging.is_url(data_dir) else "")
         )
+
+    relative = f"{paper256.NAME}/{paper256.VERSION}"
+    directory = staging.local_dataset(data_dir, relative, cfg.stage_dir, not_prepared)
     builder = tfds.builder_from_directory(str(directory))
     # Without fancy (interpolated) chroma upsampling, decoding only a crop window gives the
     # same pixels as decoding the whole image and cropping (input_pipeline's crop-only path).

@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.input.dataset = "imagenet2012_paper256"
     config.input.data_dir = config_dict.placeholder(str)  # TFDS data_dir / image folder root
     config.input.manual_dir = config_dict.placeholder(str)  # where the ImageNet tars are
+    # With data_dir=gs://...: where each host copies the paper-256 dataset once (about 37 GB
+    # for ImageNet), as array_record reads local files only.
+    config.input.stage_dir = "~/.cache/alexnet_jax/datasets"
     config.input.train_split = "train"
     config.input.eval_split = "validation"
     config.input.image_size = 227  # random crop side (the paper says 224; 227 fits conv1)
