@@ -281,11 +281,11 @@ def step_rate() -> float:
     batch, consts = synthetic_batch(config, mesh, trainer)
     state, m = trainer.train_step(state, batch, None, consts)  # compile
     jax.block_until_ready(m)
-    start, steps = time.perf_counter(), 3
-    for _ in range(steps):
+    start, timed = time.perf_counter(), 3
+    for _ in range(timed):
         state, m = trainer.train_step(state, batch, None, consts)
     jax.block_until_ready(m)
-    return steps * config.batch_size / (time.perf_counter() - start)
+    return timed * config.batch_size / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":
