@@ -15,7 +15,11 @@ configs/alexnet.py's 128:
 - the eval path on paper-256 data, centre crop and ten patches;
 - reading paper-256 records, as sources.py does and through TFDS's Python deserialisation;
 
-and the paper model's train step (all cores) at the given batch, in images/s.
+then, per process, the paper-256 train path and the reading with two input threads (against
+one: how far a process's input scales with its cores), the paper model's train step (all
+cores) at the given batch, in images/s, and the training loop's own time per step: launch.py's
+loop on a model too small to cost anything (1/64 width, 67x67 inputs, the in-memory digits, the
+global batch of configs/alexnet.py), the host's share of every step at accelerator rates.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from PIL import Image  # noqa: E402
 _IMAGES = flags.DEFINE_integer("images", 384, "Training images to make (and validation: 1/4).")
 _STEP_BATCH = flags.DEFINE_integer("step_batch", 32, "Batch of the timed train step (0: skip).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds of the input paths' timings.")
+_LOOP_STEPS = flags.DEFINE_integer("loop_steps", 400, "Steps of the tiny loop run (0: skip).")
 
 
 def photographs(n: int, seed: int = 0) -> list[bytes]:
@@ -141,15 +146,20 @@ def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[
 
     tfds_fetch = lambda keys: tf.numpy_function(tfds_np, [keys], (tf.string, tf.int32))
 
-    def rate(fetch) -> float:
+    def rate(fetch, threads: int = 1) -> float:
         keys = tf.data.Dataset.range(split.size).repeat(epochs).batch(batch)
         pair = lambda k: dict(zip(("image", "labels"), fetch(k), strict=True))
-        return _rate(ip._threads(keys.map(pair), 1), split)
+        ds = keys.map(pair, num_parallel_calls=threads).prefetch(threads)
+        return _rate(ip._threads(ds, threads), split)
 
     return {
         "reading, records parsed by TensorFlow (used)": lambda: rate(split.fetch),
         "reading, TFDS's deserialisation in Python": lambda: rate(tfds_fetch),
+        PROCESS + "reading (used), 2 threads": lambda: rate(split.fetch, 2),
     }
+
+
+PROCESS = "process: "  # rows timed with more than one thread, reported per process
 
 
 def main(argv: list[str]) -> None:
@@ -205,10 +215,10 @@ def main(argv: list[str]) -> None:
         # per step), fewer for a small --images; each path reads its data `epochs` times.
         batch, epochs = min(alexnet.get_config().batch_size, n // 3), 8
 
-        def train_rate(source, p):
+        def train_rate(source, p, threads: int = 1):
             steps = epochs * source.train.size // batch
             ds = ip.train_dataset(
-                source, p, seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=1
+                source, p, seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=threads
             )
             return _rate(ds, source.train)
 
@@ -232,6 +242,8 @@ def main(argv: list[str]) -> None:
             "eval path, paper-256, centre crop": lambda: eval_rate(False),
             "eval path, paper-256, ten patches": lambda: eval_rate(True),
             **read_rates(out, batch, epochs),
+            PROCESS + "train path, paper-256, 1 thread": lambda: train_rate(stored, p, 1),
+            PROCESS + "train path, paper-256, 2 threads": lambda: train_rate(stored, p, 2),
         }
         # Interleaved rounds (A B C ... A B C ...): this machine's speed drifts by tens of
         # percent over minutes, so each path gets its median and the ratio its spread.
@@ -242,25 +254,65 @@ def main(argv: list[str]) -> None:
         rows += [(name, np.median(v), min(v), max(v)) for name, v in measured.items()]
         raw_name, paper_name = list(paths)[:2]
         ratios = np.array(measured[paper_name]) / np.array(measured[raw_name])
+        one, two = (
+            measured[PROCESS + f"train path, paper-256, {t}"] for t in ("1 thread", "2 threads")
+        )
+        scaling = np.array(two) / np.array(one)
+        reads = np.array(measured[PROCESS + "reading (used), 2 threads"]) / np.array(
+            measured["reading, records parsed by TensorFlow (used)"]
+        )
 
     if _STEP_BATCH.value:
         step = step_rate()
         rows.append((f"train step, paper model, batch {_STEP_BATCH.value}, all cores", step))
+    loop = loop_seconds_per_step() if _LOOP_STEPS.value else None
     print(f"\n{'path':<52} {'images/s':>10}")
     for name, rate, *spread in rows:
-        per = "" if "all cores" in name else " per core"
+        per = "" if "all cores" in name else " per process" if PROCESS in name else " per core"
         rounds = f"  ({spread[0]:,.0f}-{spread[1]:,.0f})" if spread else ""
-        print(f"{name:<52} {rate:>10,.0f}{per}{rounds}")
-    print(
-        f"paper-256 train path / raw path: {np.median(ratios):.1f}x (rounds: "
-        f"{', '.join(f'{r:.1f}' for r in ratios)})"
-    )
+        print(f"{name.removeprefix(PROCESS):<52} {rate:>10,.0f}{per}{rounds}")
+    for what, r in (
+        ("paper-256 train path / raw path", ratios),
+        ("paper-256 train path, 2 threads / 1 thread", scaling),
+        ("reading, 2 threads / 1 thread", reads),
+    ):
+        print(f"{what}: {np.median(r):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in r)})")
+    if loop is not None:
+        print(
+            f"training loop, host time per step (1/64 width, batch {loop[2]}): "
+            f"{1e3 * loop[0]:.1f} ms, waiting for input {100 * loop[1]:.0f}% of it"
+        )
     print(f"(on {os.cpu_count()} cores; {n} train and {len(val)} validation images)")
     print(
         f"paper-256 stores {stored_bytes / 1e3:.1f} KB per image (the JPEGs made here: "
         f"{source_bytes / 1e3:.1f} KB); for ImageNet's 1,331,167 images that would be "
         f"{stored_bytes * 1_331_167 / 1e9:.0f} GB"
     )
+
+
+def loop_seconds_per_step() -> tuple[float, float, int]:
+    """launch.py's loop (train.train_and_evaluate) on a model that costs next to nothing:
+    seconds per step and the share spent waiting for input, over the log intervals after the
+    first (which holds the compilation), and the batch."""
+    from alexnet_jax import metrics, train
+    from configs import alexnet, digits
+
+    config = digits.get_config()
+    config.batch_size = config.optimizer.base_batch_size = alexnet.get_config().batch_size
+    steps, every = _LOOP_STEPS.value, max(_LOOP_STEPS.value // 4, 1)
+    config.num_train_steps = steps
+    config.log_every_steps = every
+    config.eval_every_steps = config.checkpoint_every_steps = steps
+    config.model.width = 1 / 64
+    config.input.image_size, config.input.resize_size = 67, 72
+    config.mesh.data = 1
+    with tempfile.TemporaryDirectory() as workdir:
+        train.train_and_evaluate(config, workdir)
+        lines = metrics.read_metrics(workdir)
+    timed = [m for m in lines if "train/images_per_sec" in m][1:]
+    seconds = np.median([config.batch_size / m["train/images_per_sec"] for m in timed])
+    wait = np.median([m["train/data_wait_fraction"] for m in timed])
+    return float(seconds), float(wait), config.batch_size
 
 
 def step_rate() -> float:

@@ -2,6 +2,7 @@
 dataset's odd files), its labels, its statistics, resumption, and training on it."""
 
 import io
+import re
 import tarfile
 
 import jax
@@ -237,7 +238,14 @@ def test_the_input_benchmark_prints_every_path():
 
     script = REPO / "benchmarks/input_pipeline.py"
     r = subprocess.run(
-        [sys.executable, str(script), "--images=48", "--step_batch=0", "--rounds=1"],
+        [
+            sys.executable,
+            str(script),
+            "--images=48",
+            "--step_batch=0",
+            "--rounds=1",
+            "--loop_steps=20",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -249,6 +257,10 @@ def test_the_input_benchmark_prints_every_path():
         if "per core" in line
     }
     assert len(rates) == 9 and all(v > 0 for v in rates.values()), r.stdout
+    per_process = [line for line in r.stdout.splitlines() if " per process  (" in line]
+    assert len(per_process) == 3 and "train path, paper-256, 2 threads" in r.stdout, r.stdout
+    assert "paper-256 train path, 2 threads / 1 thread:" in r.stdout
+    assert re.search(r"training loop, host time per step .*: [0-9.]+ ms", r.stdout), r.stdout
 
 
 def test_a_dataset_in_a_bucket_is_copied_once_per_host_and_trains(prepared, tmp_path, monkeypatch):
