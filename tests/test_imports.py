@@ -70,14 +70,21 @@ def test_the_layers():
     assert graph["inference"] >= {"checkpoint", "model", "input_pipeline"}
 
 
-def test_a_cycle_would_be_found(tmp_path):
-    """The check itself can fail: a planted lazy import of train inside checkpoint."""
+def _package_with(tmp_path: Path, planted: dict[str, str]) -> Path:
+    """A copy of the package with a function importing `planted[module]` added to each module."""
     fake = tmp_path / "alexnet_jax"
     fake.mkdir()
     for p in PACKAGE.glob("*.py"):
         (fake / p.name).write_text(p.read_text())
-    planted = fake / "checkpoint.py"
-    planted.write_text(planted.read_text() + "\n\ndef f():\n    from alexnet_jax import train\n")
+    for module, name in planted.items():
+        path = fake / f"{module}.py"
+        path.write_text(path.read_text() + f"\n\ndef f():\n    from alexnet_jax import {name}\n")
+    return fake
+
+
+def test_a_cycle_would_be_found(tmp_path):
+    """The check itself can fail: a planted lazy import of train inside checkpoint."""
+    fake = _package_with(tmp_path, {"checkpoint": "train"})
     with pytest.raises(graphlib.CycleError):
         list(graphlib.TopologicalSorter(import_graph(fake)).static_order())
 
@@ -116,16 +123,7 @@ def test_every_import_runs_down_the_layers_of_the_readme():
 def test_an_upward_import_would_be_found(tmp_path):
     """The check itself can fail: a lazy import of metrics planted in paper256, which sits
     below it, and one of the package's facade."""
-    fake = tmp_path / "alexnet_jax"
-    fake.mkdir()
-    for p in PACKAGE.glob("*.py"):
-        (fake / p.name).write_text(p.read_text())
-    planted = fake / "paper256.py"
-    planted.write_text(planted.read_text() + "\n\ndef f():\n    from alexnet_jax import metrics\n")
-    planted = fake / "ops.py"
-    planted.write_text(
-        planted.read_text() + "\n\ndef g():\n    from alexnet_jax import UsageError\n"
-    )
+    fake = _package_with(tmp_path, {"paper256": "metrics", "ops": "UsageError"})
     found = upward_imports(import_graph(fake), readme_layers())
     assert found == ["ops -> __init__", "paper256 -> metrics"]
 
