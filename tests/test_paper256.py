@@ -263,28 +263,64 @@ def test_the_input_benchmark_prints_every_path():
     assert re.search(r"training loop, host time per step .*: [0-9.]+ ms", r.stdout), r.stdout
 
 
-def test_a_dataset_in_a_bucket_is_copied_once_per_host_and_trains(prepared, tmp_path, monkeypatch):
-    """input.data_dir=gs://bucket/tfds, the bucket redirected to tmp_path/bucket: the run
-    copies the dataset to input.stage_dir, trains and evaluates; a second start copies
-    nothing, and a copy cut short is finished with the files it lacks."""
+@pytest.fixture
+def bucket(prepared, tmp_path, monkeypatch):
+    """The prepared dataset in gs://bucket/tfds, the bucket redirected to tmp_path/bucket
+    while the test runs: (the dataset's relative path, the local stage_dir)."""
     import shutil
 
-    from conftest import tiny_config
     from etils import epath
     from etils.epath import gpath
     from test_lifecycle import _redirect
 
+    relative = f"{paper256.NAME}/{paper256.VERSION}"
+    shutil.copytree(prepared[2], tmp_path / "bucket" / "tfds" / relative)
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # etils' own gs:// backend
+    with epath.testing.mock_epath(**_redirect(tmp_path)):
+        yield relative, tmp_path / "stage"
+
+
+def test_a_dataset_in_a_bucket_is_copied_once_per_host(prepared, bucket):
+    """input.data_dir=gs://bucket/tfds: the source copies the dataset to input.stage_dir; a
+    second start copies nothing, and a copy cut short is finished with the files it lacks."""
+    from etils import epath
+
     from alexnet_jax import staging
 
-    root, _, directory = prepared
-    relative = f"{paper256.NAME}/{paper256.VERSION}"
-    shutil.copytree(directory, tmp_path / "bucket" / "tfds" / relative)
-    stage_dir = tmp_path / "stage"
+    directory, (relative, stage_dir) = prepared[2], bucket
+    cfg = _cfg(prepared)
+    cfg.data_dir, cfg.stage_dir = "gs://bucket/tfds", str(stage_dir)
+    assert sources.create_source(cfg).train.size == 12
+    local = stage_dir / "gs" / "bucket" / "tfds" / relative
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    assert sorted(p.name for p in local.iterdir()) == names
+    for name in names:
+        assert (local / name).read_bytes() == (directory / name).read_bytes()
+    remote = epath.Path("gs://bucket/tfds") / relative
+    assert staging.stage(remote, local) == 0  # already there: nothing copied
+    # Cut short: metadata and a shard missing, another shard truncated.
+    shards = sorted(local.glob("*.array_record-*"))
+    (local / staging.FINISHED).unlink()
+    shards[0].unlink()
+    shards[1].write_bytes(shards[1].read_bytes()[:100])
+    want = sum((directory / s.name).stat().st_size for s in shards[:2])
+    assert staging.stage(remote, local) == want
+    for name in names:
+        assert (local / name).read_bytes() == (directory / name).read_bytes()
+    cfg.data_dir = "gs://bucket/nothing"
+    with pytest.raises(UsageError, match="imagenet2012_paper256 is not prepared in gs://"):
+        sources.create_source(cfg)
+
+
+@pytest.mark.slow  # a short run
+def test_a_run_trains_and_evaluates_from_a_bucket(bucket, tmp_path):
+    from conftest import tiny_config
+
     config = tiny_config(
         **{
             "input.dataset": "imagenet2012_paper256",
             "input.data_dir": "gs://bucket/tfds",
-            "input.stage_dir": str(stage_dir),
+            "input.stage_dir": str(bucket[1]),
             "input.resize_size": 256,
             "model.num_classes": 1000,
             "batch_size": 8,
@@ -292,27 +328,6 @@ def test_a_dataset_in_a_bucket_is_copied_once_per_host_and_trains(prepared, tmp_
             "eval_every_steps": 2,
         }
     )
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # etils' own gs:// backend
-    local = stage_dir / "gs" / "bucket" / "tfds" / relative
-    with epath.testing.mock_epath(**_redirect(tmp_path)):
-        metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
-        assert metrics["eval/count"] == 6
-        names = sorted(p.name for p in directory.iterdir() if p.is_file())
-        assert sorted(p.name for p in local.iterdir()) == names
-        for name in names:
-            assert (local / name).read_bytes() == (directory / name).read_bytes()
-        remote = epath.Path("gs://bucket/tfds") / relative
-        assert staging.stage(remote, local) == 0  # already there: nothing copied
-        # Cut short: metadata and a shard missing, another shard truncated.
-        shards = sorted(local.glob("*.array_record-*"))
-        (local / staging.FINISHED).unlink()
-        shards[0].unlink()
-        shards[1].write_bytes(shards[1].read_bytes()[:100])
-        want = sum((directory / s.name).stat().st_size for s in shards[:2])
-        assert staging.stage(remote, local) == want
-        for name in names:
-            assert (local / name).read_bytes() == (directory / name).read_bytes()
-        cfg = _cfg(prepared)
-        cfg.data_dir, cfg.stage_dir = "gs://bucket/nothing", str(stage_dir)
-        with pytest.raises(UsageError, match="imagenet2012_paper256 is not prepared in gs://"):
-            sources.create_source(cfg)
+    metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert metrics["eval/count"] == 6  # every validation image once
+    assert (bucket[1] / "gs" / "bucket" / "tfds" / bucket[0] / "dataset_info.json").exists()
