@@ -213,7 +213,7 @@ def evaluate_checkpoint(
         p = dataclasses.replace(preprocess, ten_crop=ten_crop)
         metrics |= evaluate(trainer, state, saved.step, source, p, prefix)
     # Its own file: a training run may be appending to (and on resume trimming) metrics.jsonl.
-    writer = MetricsWriter(workdir / EVAL_MODE_DIR, active=jax.process_index() == 0)
+    writer = MetricsWriter(workdir / EVAL_MODE_DIR, active=_is_first())
     writer.write(saved.step, metrics)
     return metrics
 
@@ -338,7 +338,7 @@ class _Run:
         restored: TrainState | None,
     ) -> None:
         self.config, self.trainer, self.source, self.ckpt = config, trainer, source, ckpt
-        first = jax.process_index() == 0
+        first = _is_first()
         self.start = 0 if restored is None else int(jax.device_get(restored.step))
         # Data: statistics (cached in workdir; a resumed run keeps its checkpoint's),
         # preprocessing, the number of steps.
