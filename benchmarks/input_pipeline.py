@@ -124,17 +124,40 @@ def decode_rate(source, epochs: int, batch: int) -> float:
 
 
 def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[], float]]:
-    """Records/s of reading paper-256's train split a batch of keys per call, two ways: as
-    sources.py reads (serialized records, parsed by TensorFlow a batch at once) and through
-    TFDS's per-example deserialisation in Python."""
+    """Records/s of reading paper-256's train split a batch of keys per call, in a shuffled
+    order, three ways: as sources.py reads (a record per read call, parsed by TensorFlow a
+    batch at once), with array_record's batched read instead, and through TFDS's per-example
+    deserialisation in Python. The records' bytes stay in TensorFlow (the loop takes their
+    lengths), as the train path's decoding takes them."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
     from alexnet_jax import input_pipeline as ip
     from alexnet_jax import sources
 
+    class _BatchedRows(sources._ArrayRecordRows):
+        """The reader with array_record's batched read: a call per shard and batch, which spreads
+        the records over a pool of threads of array_record's own (the alternative to sources.py's
+        read of a record per call, timed beside it)."""
+
+        def read(self, keys: np.ndarray) -> np.ndarray:
+            shard = np.searchsorted(self._starts, keys, side="right") - 1
+            readers = self._open(np.unique(shard))
+            out = np.empty(len(keys), dtype=object)
+            for s in np.unique(shard):
+                at = np.flatnonzero(shard == s)
+                out[at] = readers[s].read((keys[at] - self._starts[s] + self._skips[s]).tolist())
+            return out
+
     builder = tfds.builder_from_directory(str(directory))
     split = sources._tfds_random_access(builder, "train", shuffle=False)
+    batched = _BatchedRows(sources._array_record_files(builder, "train")).read
+
+    def batched_fetch(keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        records = tf.numpy_function(batched, [keys], tf.string, stateful=False)
+        example = tf.io.parse_example(tf.ensure_shape(records, [None]), sources._EXAMPLE_SPEC)
+        return example["image"], tf.cast(example["label"], tf.int32)
+
     tfds_source = builder.as_data_source(
         split="train", decoders={"image": tfds.decode.SkipDecoding()}
     )
@@ -147,15 +170,22 @@ def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[
     tfds_fetch = lambda keys: tf.numpy_function(tfds_np, [keys], (tf.string, tf.int32))
 
     def rate(fetch, threads: int = 1) -> float:
-        keys = tf.data.Dataset.range(split.size).repeat(epochs).batch(batch)
-        pair = lambda k: dict(zip(("image", "labels"), fetch(k), strict=True))
-        ds = keys.map(pair, num_parallel_calls=threads).prefetch(threads)
+        order = tf.data.Dataset.range(split.size).shuffle(split.size, seed=0)
+        keys = order.repeat(epochs).batch(batch)
+
+        def lengths(k):
+            images, labels = fetch(k)
+            return {"bytes": tf.strings.length(images), "labels": labels}
+
+        ds = keys.map(lengths, num_parallel_calls=threads).prefetch(threads)
         return _rate(ip._threads(ds, threads), split)
 
     return {
-        "reading, records parsed by TensorFlow (used)": lambda: rate(split.fetch),
+        "reading, a record per read call (used)": lambda: rate(split.fetch),
+        "reading, array_record's batched read": lambda: rate(batched_fetch),
         "reading, TFDS's deserialisation in Python": lambda: rate(tfds_fetch),
         PROCESS + "reading (used), 2 threads": lambda: rate(split.fetch, 2),
+        PROCESS + "reading, batched read, 2 threads": lambda: rate(batched_fetch, 2),
     }
 
 
@@ -241,7 +271,7 @@ def main(argv: list[str]) -> None:
             ),
             "eval path, paper-256, centre crop": lambda: eval_rate(False),
             "eval path, paper-256, ten patches": lambda: eval_rate(True),
-            **read_rates(out, batch, epochs),
+            **read_rates(out, batch, 8 * epochs),  # reads are fast: more of them
             PROCESS + "train path, paper-256, 1 thread": lambda: train_rate(stored, p, 1),
             PROCESS + "train path, paper-256, 2 threads": lambda: train_rate(stored, p, 2),
         }
@@ -258,9 +288,9 @@ def main(argv: list[str]) -> None:
             measured[PROCESS + f"train path, paper-256, {t}"] for t in ("1 thread", "2 threads")
         )
         scaling = np.array(two) / np.array(one)
-        reads = np.array(measured[PROCESS + "reading (used), 2 threads"]) / np.array(
-            measured["reading, records parsed by TensorFlow (used)"]
-        )
+        used = np.array(measured[PROCESS + "reading (used), 2 threads"])
+        reads = used / np.array(measured["reading, a record per read call (used)"])
+        over_batched = used / np.array(measured["reading, array_record's batched read"])
 
     if _STEP_BATCH.value:
         step = step_rate()
@@ -275,6 +305,7 @@ def main(argv: list[str]) -> None:
         ("paper-256 train path / raw path", ratios),
         ("paper-256 train path, 2 threads / 1 thread", scaling),
         ("reading, 2 threads / 1 thread", reads),
+        ("reading, 2 threads / batched read, 1 thread", over_batched),
     ):
         print(f"{what}: {np.median(r):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in r)})")
     if loop is not None:
