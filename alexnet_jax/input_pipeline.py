@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -120,6 +121,7 @@ class Preprocess:
     ten_crop: bool = False  # eval: the paper's ten patches instead of the centre crop
     mean: str = "channel"  # 'image': subtract the mean image's window (section 2); 'channel'
     on_device: bool = False  # ship uint8 crops and what normalises them (device_input.py)
+    loader: str = "tf.data"  # 'dali': DALI decodes and crops (dali_input.py)
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, stats: Stats) -> Preprocess:
@@ -153,6 +155,7 @@ class Preprocess:
             cfg.eval_ten_crop,
             mean,
             on_device,
+            cfg.get("loader", "tf.data"),
         )
 
 
@@ -389,6 +392,25 @@ def _threads(ds: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
+def _uncut(
+    split: Split, records: Any, encoded: bool, p: Preprocess
+) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+    """What dali_input cuts a batch's crops from, and the labels: the stored JPEGs
+    (`encoded`), or the uint8 images' central squares at the resize size (`square`)."""
+    if encoded:
+        jpegs, labels = split.jpeg(records)
+        return {"encoded": jpegs}, labels
+
+    def square(record):
+        image, label = split.unpack(record)
+        return resize_square(image, p.resize_size), label
+
+    side = p.resize_size
+    spec = (tf.TensorSpec([side, side, 3], tf.uint8), tf.TensorSpec([], tf.int32))
+    squares, labels = tf.map_fn(square, records, fn_output_signature=spec)
+    return {"square": squares}, labels
+
+
 def train_dataset(
     source: Source,
     preprocess: Preprocess,
@@ -399,9 +421,12 @@ def train_dataset(
     num_steps: int,
     rows: Sequence[int] | None = None,
     threads: int | None = None,
+    decode: bool = True,
 ) -> tf.data.Dataset:
     """Global train batches start_step .. num_steps-1, or only their `rows` (see
-    parallel.process_rows), prepared on `threads` host threads."""
+    parallel.process_rows), prepared on `threads` host threads. With `decode=False` (for
+    dali_input) the crops are not cut: each example carries what to cut them from, its JPEG
+    (`encoded`) or its uint8 square at the resize size (`square`), and the crop's `window`."""
     n = source.train.size
     first = start_step * batch_size
     epoch0, offset = divmod(first, n)
@@ -423,6 +448,10 @@ def train_dataset(
         draws = train_draws(seed, step, batch_size, preprocess)
         offsets, flips, shifts = (tf.gather(d, g - step * batch_size) for d in draws)
         records = source.train.fetch(keys)
+        if not decode:
+            data, labels = _uncut(source.train, records, crop_only, preprocess)
+            crops = tf.concat([offsets, flips[:, None]], 1)
+            return {**data, "window": offsets, "crops": crops, "shifts": shifts, "labels": labels}
         if crop_only:
             jpegs, labels = source.train.jpeg(records)
             crop = lambda x: train_crop_jpeg(*x, preprocess)
@@ -448,10 +477,13 @@ def eval_dataset(
     batch_size: int,
     rows: Sequence[int] | None = None,
     threads: int | None = None,
+    decode: bool = True,
 ) -> tf.data.Dataset:
     """Every eval example exactly once (of the global batches; a process reads its `rows`);
-    the last global batch is padded with weight-0 rows."""
+    the last global batch is padded with weight-0 rows. With `decode=False` (for dali_input)
+    each example carries, instead of its crops, what to cut them from (as train_dataset's)."""
     split = source.eval
+    encoded = source.stored_size == preprocess.resize_size and split.jpeg is not None
     real = split.epoch(0, 0, 0).map(lambda key: (key, 1.0))
     ds = real.concatenate(tf.data.Dataset.from_tensors((split.pad_key, 0.0)).repeat(batch_size - 1))
     fetch = lambda g, example: (g, (split.fetch(example[0]), example[1]))
@@ -459,6 +491,20 @@ def eval_dataset(
 
     def prepare(g, example):
         record, weight = example
+        if not decode:
+            side = preprocess.resize_size
+            batched = tf.nest.map_structure(lambda x: x[None], record)
+            first = lambda x: x[0]
+            one = lambda: tf.nest.map_structure(first, _uncut(split, batched, encoded, preprocess))
+            blank = lambda: (
+                {"square": tf.zeros([side, side, 3], tf.uint8)},
+                tf.constant(0, tf.int32),
+            )
+            # Padding rows carry a real JPEG (DALI decodes every row) and tf.data's label 0.
+            data, label = one() if encoded else tf.cond(weight > 0, one, blank)
+            label = tf.where(weight > 0, label, 0)
+            where = eval_preprocess(tf.zeros([side, side, 3], tf.uint8), preprocess)["crops"]
+            return {**data, "crops": where, "labels": label, "weights": weight}
         image, label = tf.cond(
             weight > 0,
             lambda: split.unpack(record),

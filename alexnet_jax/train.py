@@ -19,6 +19,7 @@ from etils import epath
 from alexnet_jax import (
     backend,
     checkpoint,
+    dali_input,
     input_pipeline,
     lifecycle,
     parallel,
@@ -63,6 +64,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
         i.resize_size >= i.image_size,
         f"input.resize_size={i.resize_size} must be at least input.image_size={i.image_size}.",
     )
+    dali_input.check(i.get("loader", "tf.data"), i.normalize_on_device)
     need(
         i.mean in input_pipeline.MEANS,
         f"input.mean={i.mean!r} is unknown; use one of {input_pipeline.MEANS}.",
@@ -162,14 +164,12 @@ def evaluate(
 ) -> dict[str, float]:
     """One pass over the eval split with `preprocess`'s centre crop (or its ten patches):
     the metrics under `prefix`, logged. Training and --mode=eval both evaluate here."""
-    ds = input_pipeline.eval_dataset(
-        source,
-        preprocess,
-        batch_size=trainer.batch_size,
-        rows=trainer.rows,
-        threads=trainer.input_threads,
-    )
-    batches = input_pipeline.iterate(ds, source.eval)
+    stream = dict(batch_size=trainer.batch_size, rows=trainer.rows, threads=trainer.input_threads)
+    if preprocess.loader == "dali":
+        batches = dali_input.eval_batches(source, preprocess, **stream)
+    else:
+        ds = input_pipeline.eval_dataset(source, preprocess, **stream)
+        batches = input_pipeline.iterate(ds, source.eval)
     consts = trainer.input_constants(preprocess)
     metrics = trainer.evaluate(state, batches, preprocess.ten_crop, prefix, consts)
     log_eval(step, metrics, prefix)
@@ -391,9 +391,7 @@ class _Run:
     def train_batches(self) -> Iterator[dict]:
         """The train stream from the run's position, copied to the devices ahead of the loop;
         the first log interval starts here."""
-        ds = input_pipeline.train_dataset(
-            self.source,
-            self.preprocess,
+        stream = dict(
             seed=self.config.seed,
             batch_size=self.config.batch_size,
             start_step=self.start,
@@ -401,7 +399,11 @@ class _Run:
             rows=self.trainer.rows,
             threads=self.trainer.input_threads,
         )
-        batches = input_pipeline.iterate(ds, self.source.train)
+        if self.preprocess.loader == "dali":
+            batches = dali_input.train_batches(self.source, self.preprocess, **stream)
+        else:
+            ds = input_pipeline.train_dataset(self.source, self.preprocess, **stream)
+            batches = input_pipeline.iterate(ds, self.source.train)
         self.t_log = time.time()
         return parallel.prefetch(self.trainer.mesh, batches, self.config.batch_size)
 

@@ -15,11 +15,13 @@ configs/alexnet.py's 128:
 - the eval path on paper-256 data, centre crop and ten patches;
 - reading paper-256 records, as sources.py does and through TFDS's Python deserialisation;
 
-then, per process, the paper-256 train path and the reading with two input threads (against
-one: how far a process's input scales with its cores), the paper model's train step (all
-cores) at the given batch, in images/s, and the training loop's own time per step: launch.py's
-loop on a model too small to cost anything (1/64 width, 67x67 inputs, the in-memory digits, the
-global batch of configs/alexnet.py), the host's share of every step at accelerator rates.
+then, per process, the paper-256 train path and the reading with two input threads (against one:
+how far a process's input scales with its cores), the paper-256 train path with DALI decoding on
+the CPU (input.loader=dali, where DALI is installed) with one and two threads, the paper model's
+train step (all cores) at the given batch, in images/s, and the training loop's own time per
+step: launch.py's loop on a model too small to cost anything (1/64 width, 67x67 inputs, the in-
+memory digits, the global batch of configs/alexnet.py), the host's share of every step at
+accelerator rates.
 """
 
 from __future__ import annotations
@@ -98,7 +100,11 @@ def _rate(ds, split) -> float:
     """Images/s of iterating a dataset, after one warm-up batch."""
     from alexnet_jax import input_pipeline as ip
 
-    it = ip.iterate(ds, split)
+    return _iterator_rate(ip.iterate(ds, split))
+
+
+def _iterator_rate(it) -> float:
+    """Images/s of a stream of batches, after one warm-up batch."""
     next(it)
     start, count = time.perf_counter(), 0
     for batch in it:
@@ -190,6 +196,7 @@ def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[
 
 
 PROCESS = "process: "  # rows timed with more than one thread, reported per process
+DALI = "train path, paper-256, DALI on the CPU, "
 
 
 def main(argv: list[str]) -> None:
@@ -199,8 +206,8 @@ def main(argv: list[str]) -> None:
     # The XLA flags launch.py runs with, before any backend starts (the step rate).
     backend.prepare_backend()
 
+    from alexnet_jax import dali_input, paper256, sources
     from alexnet_jax import input_pipeline as ip
-    from alexnet_jax import paper256, sources
     from configs import alexnet
 
     synsets = paper256.tfds_labels()[0][:4]
@@ -247,10 +254,10 @@ def main(argv: list[str]) -> None:
 
         def train_rate(source, p, threads: int = 1):
             steps = epochs * source.train.size // batch
-            ds = ip.train_dataset(
-                source, p, seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=threads
-            )
-            return _rate(ds, source.train)
+            stream = dict(seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=threads)
+            if p.loader == "dali":
+                return _iterator_rate(dali_input.train_batches(source, p, **stream))
+            return _rate(ip.train_dataset(source, p, **stream), source.train)
 
         raw = dataclasses.replace(p, mean="channel")
         host = dataclasses.replace(p, on_device=False)
@@ -275,6 +282,10 @@ def main(argv: list[str]) -> None:
             PROCESS + "train path, paper-256, 1 thread": lambda: train_rate(stored, p, 1),
             PROCESS + "train path, paper-256, 2 threads": lambda: train_rate(stored, p, 2),
         }
+        if dali_input.available():
+            dali = dataclasses.replace(p, loader="dali")
+            paths[PROCESS + DALI + "1 thread"] = lambda: train_rate(stored, dali, 1)
+            paths[PROCESS + DALI + "2 threads"] = lambda: train_rate(stored, dali, 2)
         # Interleaved rounds (A B C ... A B C ...): this machine's speed drifts by tens of
         # percent over minutes, so each path gets its median and the ratio its spread.
         measured = {name: [] for name in paths}
@@ -290,7 +301,16 @@ def main(argv: list[str]) -> None:
         scaling = np.array(two) / np.array(one)
         used = np.array(measured[PROCESS + "reading (used), 2 threads"])
         reads = used / np.array(measured["reading, a record per read call (used)"])
+        dali_rows = [PROCESS + DALI + "2 threads", PROCESS + "train path, paper-256, 2 threads"]
+        dali_ratio = (
+            np.array(measured[dali_rows[0]]) / np.array(measured[dali_rows[1]])
+            if dali_rows[0] in measured
+            else None
+        )
         over_batched = used / np.array(measured["reading, array_record's batched read"])
+
+        if dali_input.available():
+            pixels = dali_pixels(stored, p, batch)
 
     if _STEP_BATCH.value:
         step = step_rate()
@@ -308,6 +328,17 @@ def main(argv: list[str]) -> None:
         ("reading, 2 threads / batched read, 1 thread", over_batched),
     ):
         print(f"{what}: {np.median(r):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in r)})")
+    if dali_ratio is not None:
+        rounds = ", ".join(f"{x:.2f}" for x in dali_ratio)
+        print(
+            f"DALI / tf.data, train path, 2 threads: {np.median(dali_ratio):.2f}x "
+            f"(rounds: {rounds})"
+        )
+    if dali_ratio is not None:
+        print(
+            "DALI's crops against tf.data's, first batch: {:.2f} grey levels apart on average, "
+            "at most {}, {:.0%} of the values equal".format(*pixels)
+        )
     if loop is not None:
         print(
             f"training loop, host time per step (1/64 width, batch {loop[2]}): "
@@ -319,6 +350,19 @@ def main(argv: list[str]) -> None:
         f"{source_bytes / 1e3:.1f} KB); for ImageNet's 1,331,167 images that would be "
         f"{stored_bytes * 1_331_167 / 1e9:.0f} GB"
     )
+
+
+def dali_pixels(source, p, batch: int) -> tuple[float, int, float]:
+    """How far DALI's crops of a train batch are from tf.data's (the same windows): the mean
+    and largest absolute difference, and the share of equal values."""
+    from alexnet_jax import dali_input
+    from alexnet_jax import input_pipeline as ip
+
+    stream = dict(seed=0, batch_size=batch, start_step=0, num_steps=1, threads=1)
+    dali = next(dali_input.train_batches(source, dataclasses.replace(p, loader="dali"), **stream))
+    tfdata = next(ip.iterate(ip.train_dataset(source, p, **stream), source.train))
+    diff = np.abs(dali["images"].astype(int) - tfdata["images"])
+    return float(diff.mean()), int(diff.max()), float(np.mean(diff == 0))
 
 
 def loop_seconds_per_step() -> tuple[float, float, int]:

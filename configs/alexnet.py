@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     # inside the jitted step; False: all of it on the host, float32 batches.
     config.input.normalize_on_device = True
     config.input.eval_ten_crop = False  # True: the paper's ten patches, softmax averaged
+    # 'tf.data' decodes on the host's cores; 'dali': NVIDIA DALI decodes (on the GPU where JAX
+    # runs on one; pip install -e ".[dali]"), tf.data still reads and draws (dali_input.py).
+    config.input.loader = "tf.data"
     # False: an image that does not decode stops the run, naming it. True: one decoding pass
     # at start finds every such image (listed in workdir/undecodable.json) and leaves it out.
     config.input.skip_corrupt = False

@@ -256,10 +256,13 @@ def test_the_input_benchmark_prints_every_path():
         for line in r.stdout.splitlines()
         if "per core" in line
     }
-    assert len(rates) == 9 and all(v > 0 for v in rates.values()), r.stdout
+    assert len(rates) == 10 and all(v > 0 for v in rates.values()), r.stdout
     per_process = [line for line in r.stdout.splitlines() if " per process  (" in line]
-    assert len(per_process) == 3 and "train path, paper-256, 2 threads" in r.stdout, r.stdout
+    assert len(per_process) == 6 and "train path, paper-256, 2 threads" in r.stdout, r.stdout
+    assert "DALI on the CPU, 2 threads" in r.stdout, r.stdout
     assert "paper-256 train path, 2 threads / 1 thread:" in r.stdout
+    assert "reading, 2 threads / batched read, 1 thread:" in r.stdout
+    assert re.search(r"DALI's crops against tf.data's.*: [0-9.]+ grey levels", r.stdout)
     assert re.search(r"training loop, host time per step .*: [0-9.]+ ms", r.stdout), r.stdout
 
 

@@ -1,0 +1,202 @@
+"""input.loader=dali: NVIDIA DALI decodes and cuts the crops that input_pipeline chooses.
+
+tf.data still reads the records, draws each batch's crop windows, mirrors and lighting from
+(seed, step), and batches (input_pipeline's streams with decode=False); DALI decodes only each
+window of the stored JPEGs (nvJPEG with device="mixed" where JAX computes on a GPU, and the GPU's
+hardware JPEG decoder where it has one; libjpeg-turbo on the CPU elsewhere), or cuts windows of
+uint8 images that are not stored as JPEGs at the resize size. The batches keep the uint8
+contract of device_input: crops, where each was taken, lighting shifts, labels.
+
+DALI upsamples JPEG chroma with interpolation (libjpeg-turbo's "fancy" upsampling, and nvJPEG's
+own); tf.data decodes windows without it, so the two loaders' pixels differ slightly on JPEGs
+(docs/performance.md gives the measured difference). Install with `pip install -e ".[dali]"`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from alexnet_jax import input_pipeline
+from alexnet_jax.errors import UsageError
+from alexnet_jax.sources import Source, Split
+
+LOADERS = ("tf.data", "dali")
+INSTALL = 'pip install -e ".[dali]"'  # NVIDIA DALI for CUDA 12 (its CPU mode needs no GPU)
+
+
+def available() -> bool:
+    """Whether NVIDIA DALI is installed."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check(loader: str, normalize_on_device: bool) -> None:
+    """A UsageError unless `loader` can run: a known name, and DALI installed when asked for."""
+    if loader not in LOADERS:
+        raise UsageError(f"input.loader={loader!r} is unknown; use one of {LOADERS}.")
+    if loader != "dali":
+        return
+    if not normalize_on_device:
+        raise UsageError(
+            "input.loader=dali ships uint8 crops that the device normalises: set "
+            "--config.input.normalize_on_device=True."
+        )
+    if not available():
+        raise UsageError(f"input.loader=dali needs NVIDIA DALI, which is not installed: {INSTALL}")
+
+
+def device() -> str:
+    """DALI's decoder backend: 'mixed' (GPU decoding) where JAX computes on a GPU."""
+    import jax
+
+    return "mixed" if jax.default_backend() == "gpu" else "cpu"
+
+
+def _first_gpu() -> int:
+    """The CUDA ordinal of this process's first device (its own GPU under one process per
+    GPU, whatever CUDA_VISIBLE_DEVICES shows)."""
+    import jax
+
+    return jax.local_devices()[0].local_hardware_id
+
+
+class _Pipeline:
+    """A DALI pipeline fed a batch at a time: `data` (a JPEG, or a uint8 image, per example)
+    and, in training, each example's window (top, left); out come the crops as uint8 NumPy."""
+
+    def __init__(self, batch: int, size: int, where: np.ndarray | None, threads: int) -> None:
+        self.batch, self.size, self.where, self.threads = batch, size, where, threads
+        self._built: dict[bool, Any] = {}
+
+    def _build(self, encoded: bool) -> Any:
+        from nvidia.dali import fn, pipeline_def, types
+
+        backend, size, where = device(), self.size, self.where
+        gpu = _first_gpu() if backend == "mixed" else None
+
+        @pipeline_def(batch_size=self.batch, num_threads=self.threads, device_id=gpu)
+        def pipeline():
+            data = fn.external_source(name="data", dtype=types.UINT8, ndim=1 if encoded else 3)
+            if where is None:  # training: each example's own window, (x, y) = (left, top)
+                anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
+                shape = np.array([size, size], np.int32)
+                cut = dict(normalized_anchor=False, normalized_shape=False, axis_names="WH")
+                if encoded:  # decodes only the window
+                    return fn.decoders.image_slice(
+                        data, anchor, shape, device=backend, output_type=types.RGB, **cut
+                    )
+                image = data.gpu() if gpu is not None else data
+                return fn.slice(image, anchor, shape, **cut)
+            image = data
+            if encoded:
+                image = fn.decoders.image(data, device=backend, output_type=types.RGB)
+            elif gpu is not None:
+                image = image.gpu()
+            # Evaluation: the same windows of every image (the centre, or the ten patches'
+            # five, twice: device_input mirrors the second five).
+            cut = lambda t, left: fn.slice(
+                image, start=[left, t], shape=[size, size], axis_names="WH"
+            )
+            if where.ndim == 1:
+                return cut(where[0], where[1])
+            five = fn.stack(*[cut(t, left) for t, left, _ in where[:5]])
+            return fn.cat(five, five, axis=0)
+
+        p = pipeline(prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        p.build()
+        return p
+
+    def __call__(self, data: list[np.ndarray], windows: np.ndarray | None) -> np.ndarray:
+        encoded = data[0].ndim == 1
+        if encoded not in self._built:
+            self._built[encoded] = self._build(encoded)
+        p = self._built[encoded]
+        p.feed_input("data", data)
+        if windows is not None:
+            p.feed_input("anchor", list(np.ascontiguousarray(windows[:, ::-1], np.int32)))
+        (out,) = p.run()
+        if hasattr(out, "as_cpu"):
+            out = out.as_cpu()
+        return out.as_array()
+
+
+def _examples(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The batch's JPEGs as byte arrays, or its uint8 squares, one per example."""
+    if "encoded" in batch:
+        return [np.frombuffer(b, np.uint8) for b in batch.pop("encoded")]
+    return list(batch.pop("square"))
+
+
+def _decoded(
+    batches: Iterator[dict[str, np.ndarray]], cut: _Pipeline, split: Split, train: bool
+) -> Iterator[dict[str, np.ndarray]]:
+    """`batches` with DALI's crops in `images`; an image DALI cannot decode stops the run
+    with its name, as input_pipeline.iterate does."""
+    for batch in batches:
+        data = _examples(batch)
+        try:
+            images = cut(data, batch.pop("window") if train else None)
+        except RuntimeError as e:
+            bad = input_pipeline.find_undecodable(split)
+            raise UsageError(
+                f"An input image could not be decoded{': ' + bad if bad else ''}. Remove or "
+                f"re-encode it and run the same command again; training resumes from the "
+                f"newest checkpoint.\nDALI said: {str(e).strip().splitlines()[0]}"
+            ) from None
+        yield {"images": images, **batch}
+
+
+def _ahead(make: Callable[[], Iterator[dict]], depth: int = 2) -> Iterator[dict]:
+    """`make()`'s batches, produced on a thread of their own `depth` batches ahead of the
+    loop (DALI decodes on its threads meanwhile); its errors are raised here."""
+    out: queue.Queue = queue.Queue(depth)
+    end = object()
+
+    def produce() -> None:
+        try:
+            for batch in make():
+                out.put(batch)
+            out.put(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            out.put(e)
+
+    threading.Thread(target=produce, daemon=True, name="dali-input").start()
+    while (item := out.get()) is not end:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def train_batches(
+    source: Source, p: input_pipeline.Preprocess, *, threads: int | None, **stream: Any
+) -> Iterator[dict[str, np.ndarray]]:
+    """input_pipeline.train_dataset's batches (same keyword arguments), cut by DALI."""
+    ds = input_pipeline.train_dataset(source, p, threads=threads, decode=False, **stream)
+    rows = stream.get("rows")
+    local = stream["batch_size"] if rows is None else len(rows)
+    cut = _Pipeline(local, p.image_size, None, input_pipeline._parallelism(threads))
+    numpy = lambda: input_pipeline.iterate(ds, source.train)
+    return _ahead(lambda: _decoded(numpy(), cut, source.train, train=True))
+
+
+def eval_batches(
+    source: Source, p: input_pipeline.Preprocess, *, threads: int | None, **stream: Any
+) -> Iterator[dict[str, np.ndarray]]:
+    """input_pipeline.eval_dataset's batches (same keyword arguments), cut by DALI."""
+    ds = input_pipeline.eval_dataset(source, p, threads=threads, decode=False, **stream)
+    rows = stream.get("rows")
+    local = stream["batch_size"] if rows is None else len(rows)
+    square = tf.zeros([p.resize_size, p.resize_size, 3], tf.uint8)
+    where = input_pipeline.eval_preprocess(square, p)["crops"].numpy()
+    cut = _Pipeline(local, p.image_size, where, input_pipeline._parallelism(threads))
+    numpy = lambda: input_pipeline.iterate(ds, source.eval)
+    return _ahead(lambda: _decoded(numpy(), cut, source.eval, train=False))
