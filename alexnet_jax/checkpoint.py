@@ -101,18 +101,20 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def check_compatible(self, abstract_state: Any) -> None:
+    def check_compatible(self, abstract_state: Any, optimizer: str | None = None) -> None:
         """Refuse (before anything is written) a checkpoint this run cannot resume: another
-        layout of the train state, or arrays of other shapes (another model config)."""
+        layout of the train state, another `optimizer` (by name), or arrays of other shapes
+        (another model config)."""
         step = self.latest_step()
         if step is None:
             return
-        layout = self._read(
+        data = self._read(
             step,
             lambda: self.manager.restore(
                 step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
             ),
-        )["data"].get("state_layout", 1)
+        )["data"]
+        layout = data.get("state_layout", 1)
         if layout != STATE_LAYOUT:
             changes = "; ".join(LAYOUT_CHANGES[v] for v in range(layout + 1, STATE_LAYOUT + 1))
             why = (
@@ -125,6 +127,13 @@ class Checkpointer:
                 f"{layout}, this version resumes layout {STATE_LAYOUT}. Its parameters still "
                 "load with alexnet_jax.load_checkpoint. Use a new --workdir, or finish the run "
                 "with the version of alexnet_jax that wrote it. Nothing was changed."
+            )
+        written = data.get("optimizer", "sgd")  # the only one before LARS
+        if optimizer is not None and written != optimizer:
+            raise UsageError(
+                f"The checkpoint at step {step} in {self.directory} was written by "
+                f"optimizer.name={written}, and this run asks for {optimizer}: their states "
+                f"differ. Resume with --config.optimizer.name={written}, or use a new --workdir."
             )
         saved = flat_shapes(self._state_metadata(step))
         lines = describe_mismatch(saved, flat_shapes(abstract_state))
@@ -160,12 +169,13 @@ class Checkpointer:
         written before the loop saved ahead of evaluating did)."""
         return self.data(step).get("evaluated", True)
 
-    def restore(self, abstract_state: Any) -> Any | None:
-        """The newest state, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
+    def restore(self, abstract_state: Any, optimizer: str | None = None) -> Any | None:
+        """The newest state, laid out as `abstract_state` (ShapeDtypeStructs with shardings),
+        if `optimizer` (a name; None: not checked) wrote it."""
         step = self.latest_step()
         if step is None:
             return None
-        self.check_compatible(abstract_state)
+        self.check_compatible(abstract_state, optimizer)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         return self._read(step, lambda: self.manager.restore(step, args=args))["state"]
 

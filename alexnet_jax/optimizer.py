@@ -1,5 +1,6 @@
-"""The paper's SGD (section 5) with its learning rate set by name, the base schedules, and the
-divide-by-10-on-plateau rule, whose state the training loop keeps outside the optimizer."""
+"""The paper's SGD (section 5) and LARS for large batches, their learning rate set by name, the
+base schedules, and the divide-by-10-on-plateau rule, whose state the training loop keeps
+outside the optimizer."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import optax
 
 from alexnet_jax.errors import UsageError
 
-SCHEDULES = ("plateau", "step", "constant")
+OPTIMIZERS = ("sgd", "lars")
+SCHEDULES = ("plateau", "step", "constant", "poly", "cosine")
+
+
+def _kernels(params: Any) -> Any:
+    """True for the kernels, False for the biases."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
 def paper_sgd(
@@ -23,9 +30,7 @@ def paper_sgd(
     paper writes it (optax.sgd scales after the momentum: the two differ after a rate cut)."""
 
     def decay_mask(params: Any) -> Any:
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: decay_biases or path[-1].key == "kernel", params
-        )
+        return jax.tree.map(lambda k: decay_biases or k, _kernels(params))
 
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
@@ -34,12 +39,52 @@ def paper_sgd(
     )
 
 
+def lars(
+    learning_rate: float, momentum: float, weight_decay: float, trust_coefficient: float
+) -> optax.GradientTransformation:
+    """LARS (You, Gitman and Ginsburg 2017), optax's: each kernel's step is its decayed gradient
+    g + wd * w scaled by trust_coefficient * ||w|| / ||g + wd * w||, then by the rate, then
+    momentum (the rate inside the velocity, as in `paper_sgd`). Biases get neither the decay
+    nor the trust ratio."""
+    return optax.lars(
+        learning_rate,
+        weight_decay=weight_decay,
+        weight_decay_mask=_kernels,
+        trust_coefficient=trust_coefficient,
+        trust_ratio_mask=_kernels,
+        momentum=momentum,
+    )
+
+
 def make_optimizer(
-    learning_rate: float, momentum: float, weight_decay: float, decay_biases: bool
+    learning_rate: float,
+    momentum: float,
+    weight_decay: float,
+    decay_biases: bool,
+    name: str = "sgd",
+    trust_coefficient: float = 0.001,
 ) -> optax.GradientTransformationExtraArgs:
-    """`paper_sgd` with `learning_rate` in the state's hyperparams (see `set_learning_rate`)."""
+    """`paper_sgd` or `lars` (by `name`) with `learning_rate` in the state's hyperparams (see
+    `set_learning_rate`)."""
     if learning_rate <= 0:
         raise UsageError(f"optimizer.learning_rate={learning_rate} must be positive.")
+    if name not in OPTIMIZERS:
+        raise UsageError(f"optimizer.name={name!r} is unknown; use one of {OPTIMIZERS}.")
+    if name == "lars":
+        if trust_coefficient <= 0:
+            raise UsageError(
+                f"optimizer.trust_coefficient={trust_coefficient} must be positive (LARS's "
+                "eta; 0.001 in You et al. 2017)."
+            )
+        if decay_biases:
+            raise UsageError(
+                "optimizer.decay_biases=True: LARS leaves biases out of the weight decay (and "
+                "the trust ratio); set --config.optimizer.decay_biases=False."
+            )
+        statics = ("momentum", "weight_decay", "trust_coefficient")
+        return optax.inject_hyperparams(lars, static_args=statics)(
+            learning_rate, momentum, weight_decay, trust_coefficient
+        )
     injected = optax.inject_hyperparams(
         paper_sgd, static_args=("momentum", "weight_decay", "decay_biases")
     )
@@ -70,15 +115,21 @@ def make_schedule(
     step_every_steps: int,
     step_factor: float,
     warmup_steps: int = 0,
+    total_steps: int = 1,
 ) -> optax.Schedule:
     """The base rate per step, ramped up linearly over the first `warmup_steps`; 'plateau'
-    multiplies it by the plateau state's scale."""
+    multiplies it by the plateau state's scale; 'poly' (power 2, as the LARS papers decay) and
+    'cosine' fall to 0 at `total_steps`."""
     if schedule not in SCHEDULES:
         raise UsageError(f"optimizer.schedule={schedule!r} is unknown; use one of {SCHEDULES}.")
     if warmup_steps < 0:
         raise UsageError(f"optimizer.warmup_steps={warmup_steps} must be 0 (none) or positive.")
     if schedule == "step":
         base = optax.exponential_decay(learning_rate, step_every_steps, step_factor, staircase=True)
+    elif schedule == "poly":
+        base = optax.polynomial_schedule(learning_rate, 0.0, 2, max(total_steps, 1))
+    elif schedule == "cosine":
+        base = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
     else:
         base = optax.constant_schedule(learning_rate)
     if warmup_steps == 0:
@@ -102,13 +153,25 @@ class Optimizer:
     plateau: optax.GradientTransformationExtraArgs  # scales the base rate ('plateau' only)
 
     @classmethod
-    def from_config(cls, o: Mapping[str, Any], batch_size: int) -> Optimizer:
-        """`o` is a config's optimizer section; `batch_size` the global batch it trains."""
+    def from_config(
+        cls, o: Mapping[str, Any], batch_size: int, total_steps: int | None = None
+    ) -> Optimizer:
+        """`o` is a config's optimizer section; `batch_size` the global batch it trains and
+        `total_steps` the run's length ('poly' and 'cosine' decay over it; None: unknown, for
+        uses that take no step)."""
         lr = scaled_learning_rate(o["learning_rate"], batch_size, o["base_batch_size"])
+        # Configs saved before LARS existed meant the paper's SGD.
+        name, trust = o.get("name", "sgd"), o.get("trust_coefficient", 0.001)
+        schedule = make_schedule(
+            o["schedule"],
+            lr,
+            o["step_every_steps"],
+            o["step_factor"],
+            o["warmup_steps"],
+            total_steps or 1,
+        )
         return cls(
-            make_optimizer(lr, o["momentum"], o["weight_decay"], o["decay_biases"]),
-            make_schedule(
-                o["schedule"], lr, o["step_every_steps"], o["step_factor"], o["warmup_steps"]
-            ),
+            make_optimizer(lr, o["momentum"], o["weight_decay"], o["decay_biases"], name, trust),
+            schedule,
             make_plateau(o["plateau_factor"], o["plateau_patience"], o["plateau_min_scale"]),
         )

@@ -127,6 +127,10 @@ def resolve_batch_size(
 # -------------------------------------------------------------------------------------- loop
 
 
+def optimizer_name(config: ml_collections.ConfigDict) -> str:
+    return config.optimizer.get("name", "sgd")
+
+
 def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
     if config.num_train_steps > 0:
         return config.num_train_steps
@@ -268,9 +272,9 @@ def _train_and_evaluate(
     lifecycle.check_same_workdir(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
     source = create_source(config, workdir)
-    trainer = Trainer(config, mesh)
+    trainer = Trainer(config, mesh, total_steps=num_train_steps(config, source.train.size))
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    restored = ckpt.restore(trainer.abstract_state)
+    restored = ckpt.restore(trainer.abstract_state, optimizer_name(config))
     run = _Run(config, workdir, trainer, source, ckpt, restored)
     state = run.initial_state(restored)
     batches, consts = run.train_batches(), trainer.input_constants(run.preprocess)
@@ -350,7 +354,11 @@ class _Run:
             stats = checkpoint_stats(ckpt, self.start, stats)
         self.stats = stats
         self.preprocess = input_pipeline.Preprocess.from_config(i, stats)
-        self.data_meta = {"class_names": source.class_names, "stats": stats.to_dict()}
+        self.data_meta = {
+            "class_names": source.class_names,
+            "stats": stats.to_dict(),
+            "optimizer": optimizer_name(config),
+        }
         self.total = num_train_steps(config, source.train.size)
         logging.info(
             "mesh %s on %d devices; %d train / %d eval examples; %d steps of %d, of which this "

@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.input.stats_max_images = 10_000  # images used for mean/PCA of non-ImageNet data
 
     config.optimizer = ml_collections.ConfigDict()
+    # 'sgd': the paper's momentum SGD; 'lars': layer-wise rates (You et al. 2017) for global
+    # batches past ~2K, with schedule 'poly' or 'cosine' and a warm-up.
+    config.optimizer.name = "sgd"
+    config.optimizer.trust_coefficient = 0.001  # 'lars': eta, the trust ratio's coefficient
     config.optimizer.learning_rate = 0.01  # section 5, for a global batch of base_batch_size
     # The rate used is learning_rate * batch_size / base_batch_size (linear scaling, Goyal et
     # al. 2017); at 128 it is the paper's. Past ~1-2K images AlexNet without batch norm loses
@@ -93,7 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.momentum = 0.9
     config.optimizer.weight_decay = 5e-4
     config.optimizer.decay_biases = False  # weight decay on kernels only (Caffe's reference)
-    config.optimizer.schedule = "plateau"  # 'plateau', 'step' or 'constant'
+    # 'plateau', 'step', 'constant', or (to 0 at the last step) 'poly' (power 2) or 'cosine'
+    config.optimizer.schedule = "plateau"
     config.optimizer.plateau_factor = 0.1  # divide by 10 when validation error stalls
     config.optimizer.plateau_patience = 2  # evaluations without improvement before a cut
     config.optimizer.plateau_min_scale = 1e-3  # the paper's three cuts: 0.01 -> 1e-5

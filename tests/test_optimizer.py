@@ -1,4 +1,4 @@
-"""The paper's update rule with its rate set by name, the schedules, the optimizer's checks."""
+"""The paper's update rule and LARS with the rate set by name, the schedules, the checks."""
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,8 @@ def test_the_rate_scales_linearly_with_the_global_batch():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("schedule", "cosine", "optimizer.schedule='cosine' is unknown"),
+        ("schedule", "linear", "optimizer.schedule='linear' is unknown"),
+        ("name", "adam", "optimizer.name='adam' is unknown"),
         ("learning_rate", 0.0, "optimizer.learning_rate=0.0 must be positive"),
         ("base_batch_size", 0, "optimizer.base_batch_size=0 must be positive"),
         ("warmup_steps", -1, "optimizer.warmup_steps=-1 must be 0"),
@@ -93,3 +94,50 @@ def test_each_field_is_checked_when_the_optimizer_is_built(key, value, message):
     o[key] = value
     with pytest.raises(UsageError, match=message):
         Optimizer.from_config(o, 128)
+
+
+def test_lars_is_one_update_of_you_et_al_computed_in_numpy():
+    wd, eta, mu = 5e-4, 0.001, 0.9
+    tx = make_optimizer(0.5, mu, wd, decay_biases=False, name="lars", trust_coefficient=eta)
+    rng = np.random.default_rng(0)
+    w = {
+        "conv1": {"kernel": rng.normal(size=(3, 3, 2, 4)), "bias": rng.normal(size=4)},
+        "fc8": {"kernel": 0.01 * rng.normal(size=(5, 3)), "bias": rng.normal(size=3)},
+    }
+    w = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), w)
+    state, v = tx.init(w), jax.tree.map(np.zeros_like, w)
+    for lr in [0.5, 0.5, 0.05]:  # a cut: the rate inside the velocity
+        g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), w)
+        state = set_learning_rate(state, jnp.float32(lr))
+        updates, state = tx.update(g, state, w)
+        for layer in w:
+            k, gk = np.asarray(w[layer]["kernel"], np.float64), np.asarray(g[layer]["kernel"])
+            d = gk + wd * k  # decayed gradient, then the layer's trust ratio
+            local = eta * np.linalg.norm(k) / np.linalg.norm(d)
+            v[layer]["kernel"] = mu * v[layer]["kernel"] + lr * local * d
+            v[layer]["bias"] = mu * v[layer]["bias"] + lr * np.asarray(g[layer]["bias"])
+            for name in ("kernel", "bias"):  # optax's updates are the negated velocity
+                np.testing.assert_allclose(updates[layer][name], -v[layer][name], rtol=2e-5)
+        # The two layers' ratios differ by orders of magnitude: the layer-wise rate matters.
+        assert not np.allclose(updates["conv1"]["kernel"].std(), updates["fc8"]["kernel"].std())
+        w = optax.apply_updates(w, updates)
+    assert set(state.hyperparams) == {"learning_rate"}
+
+
+def test_lars_refuses_what_it_cannot_do():
+    with pytest.raises(UsageError, match="trust_coefficient=0 must be positive"):
+        make_optimizer(0.1, 0.9, 5e-4, False, name="lars", trust_coefficient=0)
+    with pytest.raises(UsageError, match="LARS leaves biases out"):
+        make_optimizer(0.1, 0.9, 5e-4, True, name="lars")
+
+
+def test_poly_and_cosine_fall_to_zero_at_the_last_step_after_the_warm_up():
+    p = make_schedule("poly", 0.4, 10, 0.1, warmup_steps=0, total_steps=100)
+    np.testing.assert_allclose([p(0), p(50), p(100)], [0.4, 0.1, 0.0], atol=1e-7)
+    c = make_schedule("cosine", 0.4, 10, 0.1, warmup_steps=10, total_steps=100)
+    np.testing.assert_allclose(
+        [c(0), c(9), c(50), c(100)],
+        [0.04, 0.4 * (1 + np.cos(np.pi * 9 / 100)) / 2, 0.2, 0.0],
+        rtol=1e-5,
+        atol=1e-7,
+    )

@@ -24,7 +24,8 @@ from alexnet_jax import UsageError, train
         ({"mesh.model": 4}, "mesh.model=4 is not possible"),
         ({"mesh.data": 8, "mesh.model": 2}, "needs 16 devices but 8 are visible"),
         ({"model.variant": "vgg"}, "model.variant='vgg' is unknown"),
-        ({"optimizer.schedule": "cosine"}, "optimizer.schedule='cosine'"),
+        ({"optimizer.schedule": "linear"}, "optimizer.schedule='linear'"),
+        ({"optimizer.name": "lars", "optimizer.decay_biases": True}, "LARS leaves biases out"),
         ({"model.dtype": "float16"}, "model.dtype='float16' is unknown"),
         ({"num_train_steps": -1, "num_epochs": 0}, "Set num_train_steps > 0"),
         ({"num_train_steps": 0}, r"num_train_steps=0: set a positive number of steps, or -1"),
@@ -181,3 +182,31 @@ def test_profile_steps_leaves_a_trace_in_the_workdir(tiny, tmp_path):
     train.train_and_evaluate(tiny(num_train_steps=4, profile_steps="2,4"), str(tmp_path))
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 10_000
+
+
+def test_lars_trains_on_a_tower_mesh_and_its_checkpoint_refuses_sgd(tiny, tmp_path):
+    from alexnet_jax import checkpoint
+    from alexnet_jax.metrics import read_metrics
+
+    config = tiny(
+        **{
+            "optimizer.name": "lars",
+            "optimizer.learning_rate": 2.0,
+            "optimizer.schedule": "poly",
+            "optimizer.warmup_steps": 2,
+            "num_train_steps": 4,
+            "mesh.data": 4,
+            "mesh.model": 2,
+        }
+    )
+    metrics = train.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(metrics["eval/loss"])
+    ckpt = checkpoint.Checkpointer(tmp_path, read_only=True)
+    assert ckpt.data(4)["optimizer"] == "lars"
+    lines = [m for m in read_metrics(tmp_path) if "train/learning_rate" in m]
+    # The last update (step index 3 of 4) takes poly's 2.0 * (1 - 3/4)^2.
+    assert lines[-1]["train/learning_rate"] == pytest.approx(0.125, rel=1e-5)
+    config.num_train_steps, config.optimizer.name = 8, "sgd"
+    with pytest.raises(UsageError, match="written by optimizer.name=lars") as e:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert len(str(e.value).splitlines()) == 1
