@@ -115,6 +115,20 @@ def input_threads(env: Mapping[str, str]) -> int:
     return max(cores, 1)
 
 
+def few_input_cores(threads: int, local_devices: int, backend: str) -> str | None:
+    """A warning when an accelerator process's input has fewer than 2 host cores per local
+    device (SLURM binds a task to one core unless --cpus-per-task says otherwise), else None."""
+    if backend == "cpu" or threads >= 2 * local_devices:
+        return None
+    return (
+        f"this process's input runs on {threads} host core(s) for its {local_devices} "
+        f"{backend} device(s), fewer than 2 per device: decoding may not keep up. Give each "
+        "process more cores: under SLURM, srun --cpus-per-task=C (the node's cores divided by "
+        "--ntasks-per-node); elsewhere, pin it to more cores (taskset) or run fewer processes "
+        "per node."
+    )
+
+
 def distributed_args(
     coordinator_address: str | None,
     num_processes: int | None,

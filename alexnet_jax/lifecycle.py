@@ -11,7 +11,9 @@ a signal that reaches any one process stops all of them at the same step.
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
+import itertools
 import json
 import os
 import signal
@@ -26,6 +28,7 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
+from jax._src import distributed  # the key-value store of jax.distributed
 from jax.experimental import multihost_utils
 
 from alexnet_jax.errors import UsageError
@@ -38,10 +41,13 @@ class StopOnSignal:
     SIGINT (Ctrl-C twice) exits at once, saving nothing more."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    _instances = itertools.count()  # the same sequence in every process: one key space per run
 
     def __init__(self) -> None:
         self.received: str | None = None  # the first signal's name
         self._previous: dict[int, object] = {}
+        self._key = f"alexnet_jax/stop/{next(self._instances)}/"
+        self._proposed = False
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
@@ -69,16 +75,32 @@ class StopOnSignal:
             )
 
     def should_stop(self, step: int) -> bool:
-        """Whether every process stops after `step`: at once in a single process; at the next
-        multiple of AGREE_EVERY_STEPS (the same step everywhere) with several."""
+        """Whether every process stops after `step`: at once in a single process. With several,
+        a process that received a signal proposes, in JAX's distributed key-value store, to
+        stop AGREE_EVERY_STEPS steps after its next multiple of them; every process reads the
+        proposals at those multiples, without waiting for the others (no barrier drains the
+        devices' queues), and all stop at the earliest. A host runs at most the dispatch depth
+        (backend.dispatch_depth, 1-2) steps ahead of another, so each reads every proposal at
+        or before the step it names."""
         if jax.process_count() == 1:
             return self.received is not None
         if step % AGREE_EVERY_STEPS:
             return False
-        flags = multihost_utils.process_allgather(np.int32(self.received is not None))
-        if flags.any() and self.received is None:
-            self.received = f"a signal to process {int(np.flatnonzero(flags)[0])}"
-        return bool(flags.any())
+        client = distributed.global_state.client
+        me = jax.process_index()
+        if self.received is not None and not self._proposed:
+            client.key_value_set(self._key + str(me), str(step + AGREE_EVERY_STEPS))
+            self._proposed = True
+        proposals = {
+            int(key.rsplit("/", 1)[-1]): int(target)
+            for key, target in client.key_value_dir_get(self._key)
+        }
+        due = sorted(p for p, target in proposals.items() if target <= step)
+        if not due:
+            return False
+        if self.received is None:
+            self.received = f"a signal to process {due[0]}"
+        return True
 
 
 # ------------------------------------------------------------------------------- the workdir
@@ -165,7 +187,19 @@ class WorkdirLock:
         f = open(self.path, "a+")  # noqa: SIM115 (held until release)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # The file system has no flock (Lustre mounted without it: ENOSYS, NFS
+                # without its lock daemon: ENOLCK): only "would block" means another run.
+                f.close()
+                logging.warning(
+                    "%s cannot be locked with flock (%s): locking it with a lock object "
+                    "instead, as a bucket is",
+                    self.path,
+                    os.strerror(e.errno) if e.errno else e,
+                )
+                self._acquire_object()
+                return
             f.seek(0)
             try:
                 holder = json.loads(f.read() or "{}")
@@ -186,9 +220,11 @@ class WorkdirLock:
         )
 
     def _acquire_object(self) -> None:
-        if self.path.exists():
+        """Take the lock object at self.path, unless another run refreshed it recently."""
+        text = self.path.read_text() if self.path.exists() else ""
+        if text.strip():  # (an empty file: one that flock could not lock, just created)
             try:
-                holder = json.loads(self.path.read_text())
+                holder = json.loads(text)
             except ValueError:
                 holder = {}
             if time.time() - holder.get("heartbeat", 0) < STALE_AFTER_S:

@@ -19,6 +19,7 @@ from etils import epath
 from alexnet_jax import (
     backend,
     checkpoint,
+    cluster,
     dali_input,
     input_pipeline,
     lifecycle,
@@ -360,6 +361,11 @@ class _Run:
             "optimizer": optimizer_name(config),
         }
         self.total = num_train_steps(config, source.train.size)
+        few = cluster.few_input_cores(
+            trainer.input_threads, jax.local_device_count(), jax.default_backend()
+        )
+        if few:
+            logging.warning(few)
         logging.info(
             "mesh %s on %d devices; %d train / %d eval examples; %d steps of %d, of which this "
             "process reads %d",

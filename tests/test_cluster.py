@@ -125,3 +125,13 @@ def test_input_threads_are_this_process_share_of_the_host(monkeypatch):
     assert cluster.input_threads({"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "0"}) == 16
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(6)))
     assert cluster.input_threads(_slurm(32, 8, 3)) == 6  # pinned by --cpus-per-task
+
+
+def test_an_accelerator_process_with_too_few_input_cores_is_warned():
+    # SLURM without --cpus-per-task binds each task to one core.
+    warning = cluster.few_input_cores(1, 1, "gpu")
+    assert "--cpus-per-task" in warning and "1 host core(s) for its 1 gpu device(s)" in warning
+    assert cluster.few_input_cores(15, 8, "gpu") is not None  # 8 GPUs want 16 cores
+    assert cluster.few_input_cores(16, 8, "gpu") is None
+    assert cluster.few_input_cores(2, 4, "tpu") is not None
+    assert cluster.few_input_cores(1, 8, "cpu") is None  # CPU devices share the host's cores

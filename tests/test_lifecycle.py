@@ -57,6 +57,32 @@ def test_a_workdir_without_os_locks_holds_a_lock_object_with_a_heartbeat(tmp_pat
             assert json.loads(lock_file.read_text())["run"] == taken.holder["run"] != held["run"]
 
 
+@pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK"])
+def test_a_file_system_without_flock_gets_the_lock_object(tmp_path, monkeypatch, code):
+    import errno
+    import fcntl
+
+    from etils import epath
+
+    def no_flock(f, how):
+        if how != fcntl.LOCK_UN:
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(lifecycle.fcntl, "flock", no_flock)  # Lustre mounted without flock
+    workdir = epath.Path(tmp_path)
+    with lifecycle.WorkdirLock(workdir):  # not "in use by another training run"
+        held = json.loads((tmp_path / "run.lock").read_text())
+        assert time.time() - held["heartbeat"] < 60 and held["pid"] == os.getpid()
+        with pytest.raises(UsageError, match="in use by another training run"):
+            lifecycle.WorkdirLock(workdir).acquire()
+    assert not (tmp_path / "run.lock").exists()  # released
+    # "Would block" still means another run holds it.
+    blocked = lambda f, how: (_ for _ in ()).throw(BlockingIOError(errno.EWOULDBLOCK, "busy"))
+    monkeypatch.setattr(lifecycle.fcntl, "flock", blocked)
+    with pytest.raises(UsageError, match="in use by another training run"):
+        lifecycle.WorkdirLock(workdir).acquire()
+
+
 def test_a_signal_asks_for_a_stop_and_the_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM)
     with lifecycle.StopOnSignal() as stop:
@@ -65,6 +91,36 @@ def test_a_signal_asks_for_a_stop_and_the_handlers_are_restored():
         time.sleep(0.1)  # Python runs the handler between bytecodes
         assert stop.received == "SIGTERM" and stop.should_stop(2)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_processes_agree_on_the_stop_through_the_key_value_store_not_a_barrier(monkeypatch):
+    store: dict[str, str] = {}
+
+    class Client:  # jax.distributed's key-value store, in memory
+        def key_value_set(self, key, value):
+            store[key] = value
+
+        def key_value_dir_get(self, prefix):
+            return [(k, v) for k, v in store.items() if k.startswith(prefix)]
+
+    def barrier(*_):
+        raise AssertionError("the stop check waited for every process")
+
+    me = {"index": 0}
+    monkeypatch.setattr(lifecycle.distributed.global_state, "client", Client())
+    monkeypatch.setattr(lifecycle.multihost_utils, "process_allgather", barrier)
+    monkeypatch.setattr(lifecycle.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(lifecycle.jax, "process_index", lambda: me["index"])
+    first, second = lifecycle.StopOnSignal(), lifecycle.StopOnSignal()
+    second._key = first._key  # the same run, seen from two processes
+    second.received = "SIGTERM"  # process 1's signal, noticed at its step 10
+    me["index"] = 1
+    assert not second.should_stop(10) and store == {first._key + "1": "20"}
+    me["index"] = 0
+    assert not first.should_stop(10) and not first.should_stop(15)
+    assert first.should_stop(20) and first.received == "a signal to process 1"
+    me["index"] = 1
+    assert second.should_stop(20) and second.received == "SIGTERM"
 
 
 def test_a_second_ctrl_c_exits_at_once():
