@@ -74,11 +74,12 @@ def keep_freed_memory() -> bool:
 
 
 def prepare_backend(cpu_flags: bool = True, cpu_malloc: bool = True) -> bool:
-    """Everything to set before a backend starts: `set_xla_flags(cpu_flags)` and, when JAX
-    will compute on the CPU, `keep_freed_memory` (unless `cpu_malloc` is False). Returns
-    whether freed memory is now kept."""
-    set_xla_flags(cpu_flags)
-    return cpu_malloc and runs_on_cpu(os.environ) and keep_freed_memory()
+    """Everything to set before a backend starts: our XLA flags (the CPU's only when JAX will
+    compute on the CPU, and `cpu_flags`) and, on the CPU, `keep_freed_memory` (unless
+    `cpu_malloc` is False). Returns whether freed memory is now kept."""
+    on_cpu = runs_on_cpu(os.environ)
+    set_xla_flags(cpu_flags and on_cpu)
+    return cpu_malloc and on_cpu and keep_freed_memory()
 
 
 def compilation_cache_dir(path: str) -> str | None:

@@ -114,8 +114,11 @@ class AlexNet(nn.Module):
     weight_init: str = "paper"  # 'paper': N(0, 0.01) and biases of 1; 'he': He-normal, zero biases
     tower_axis: str | None = None  # mesh axis the towers are split over (set by parallel.py)
     tower_shards: int = 1  # size of tower_axis
-    # Ops ('lrn', 'pool') traced with their plain definitions, which JAX differentiates itself,
-    # instead of ops.py's custom backward passes: an ablation (benchmarks/train_step.py).
+    # The ops ('lrn', 'pool') whose custom backward passes (ops.py) run: 'auto' (per backend,
+    # ops.AUTO_FAST), 'all', 'none', 'lrn' or 'pool'; the others are traced plainly.
+    fast_ops: str = "auto"
+    # Ops traced with their plain definitions, which JAX differentiates itself, whatever
+    # fast_ops says: an ablation (benchmarks/train_step.py).
     plain_ops: tuple[str, ...] = ()
 
     @classmethod
@@ -162,12 +165,21 @@ class AlexNet(nn.Module):
             0 <= self.dropout_rate < 1,
             f"model.dropout_rate={self.dropout_rate} must be in [0, 1).",
         )
+        need(
+            self.fast_ops in ops.FAST_CHOICES,
+            f"model.fast_ops={self.fast_ops!r} is unknown; use one of {ops.FAST_CHOICES}.",
+        )
         unknown = sorted(set(self.plain_ops) - set(ops.PLAIN_CHOICES))
         need(not unknown, f"unknown ops {unknown}; choose from {ops.PLAIN_CHOICES}")
         need(
             self.tower_shards >= 1 and self.num_towers % self.tower_shards == 0,
             f"{self.num_towers} towers do not split over {self.tower_shards} devices.",
         )
+
+    @property
+    def traced_plain(self) -> frozenset[str]:
+        """The ops traced with their plain definitions on the backend JAX computes on."""
+        return frozenset(self.plain_ops) | set(ops.plain_for(self.fast_ops, jax.default_backend()))
 
     @property
     def num_towers(self) -> int:
@@ -290,11 +302,11 @@ class AlexNet(nn.Module):
                 x = self._gather(x)
             x = self._act(self._conv(spec, x, paper_bias.get(spec.name, 0.0)))
             if spec.lrn and self.use_lrn:
-                plain = "lrn" in self.plain_ops
+                plain = "lrn" in self.traced_plain
                 x = ops.local_response_norm(x, local_towers, plain).astype(self.dtype)
             self.sow("intermediates", f"{spec.name}_map", x)  # feature maps, for inspection
             if spec.pool:
-                x = ops.pool(x, window, 2, "pool" in self.plain_ops)
+                x = ops.pool(x, window, 2, "pool" in self.traced_plain)
                 self.sow("intermediates", f"{spec.name}_pool", x)
 
         fc_local = per_tower(FC_FEATURES, self.width, towers) * local_towers

@@ -24,6 +24,24 @@ from jax import lax
 # Paper section 3.3 (alpha is not divided by n).
 LRN_K, LRN_N, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
 PLAIN_CHOICES = ("lrn", "pool")  # what AlexNet(plain_ops=...) may trace plainly
+# model.fast_ops='auto': the ops whose custom backward passes run, per backend. The CPU's was
+# measured; GPU's and TPU's follow from how XLA lowers the plain gradients (docs/performance.md):
+# LRN's is a float32 matmul at HIGHEST precision (several bfloat16 passes on a TPU), pooling's a
+# select-and-scatter (on GPUs an unfused kernel scattering with atomics, which
+# --xla_gpu_deterministic_ops refuses); the custom ones are slices, selects and adds that every
+# backend fuses. benchmarks/train_step.py --against_plain_ops measures the choice on a device.
+AUTO_FAST = {"cpu": PLAIN_CHOICES, "gpu": PLAIN_CHOICES, "tpu": PLAIN_CHOICES}
+FAST_CHOICES = ("auto", "all", "none", *PLAIN_CHOICES)
+
+
+def plain_for(fast_ops: str, backend: str) -> tuple[str, ...]:
+    """The ops to trace plainly under model.fast_ops: 'auto' (AUTO_FAST for `backend`; all
+    fast on a backend not listed), 'all', 'none', or one op's name (that one fast)."""
+    if fast_ops == "auto":
+        fast = AUTO_FAST.get(backend, PLAIN_CHOICES)
+    else:
+        fast = {"all": PLAIN_CHOICES, "none": ()}.get(fast_ops, (fast_ops,))
+    return tuple(op for op in PLAIN_CHOICES if op not in fast)
 
 
 def local_response_norm(x: jax.Array, towers: int, plain: bool = False) -> jax.Array:

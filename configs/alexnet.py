@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.overlap_pool = True  # 3x3 stride 2 pooling (section 3.4); False: 2x2 stride 2
     config.model.dropout_rate = 0.5  # on the outputs of fc6 and fc7 (section 4.2)
     config.model.dtype = "float32"  # compute dtype, 'float32' or 'bfloat16'; params stay float32
+    # LRN and max-pooling with backward passes written for XLA (ops.py): 'auto' (per backend,
+    # docs/performance.md), 'all', 'none' (JAX differentiates the plain definitions), 'lrn', 'pool'
+    config.model.fast_ops = "auto"
     config.model.weight_init = "paper"  # N(0, 0.01), biases 1 in conv2,4,5, fc6,7; or 'he'
 
     config.input = ml_collections.ConfigDict()

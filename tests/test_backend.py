@@ -109,3 +109,16 @@ def test_the_compilation_cache_may_be_a_url():
     assert backend.compilation_cache_dir("gs://bucket/xla") == "gs://bucket/xla"
     assert backend.compilation_cache_dir("~/xla") == os.path.join(os.path.expanduser("~"), "xla")
     assert backend.compilation_cache_dir("") is None
+
+
+def test_the_cpu_flags_are_set_only_where_jax_computes_on_the_cpu(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    backend.prepare_backend(cpu_malloc=False)
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_dump_to=/tmp/x" in flags and set(backend.GPU_XLA_FLAGS) <= set(flags)
+    assert not set(backend.CPU_XLA_FLAGS) & set(flags)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    backend.prepare_backend(cpu_malloc=False)
+    assert set(backend.CPU_XLA_FLAGS) <= set(os.environ["XLA_FLAGS"].split())

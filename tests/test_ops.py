@@ -96,3 +96,17 @@ def test_the_model_traces_the_plain_definitions_it_is_given_only():
     np.testing.assert_array_equal(ops.pool(x, 3, 2, plain=True), ops.max_pool(x, 3, 2))
     with pytest.raises(ValueError, match="unknown ops \\['lrm'\\]"):
         AlexNet(plain_ops=("lrm",))
+    # model.fast_ops: the custom backward passes by name, or per backend.
+    assert grad_jaxpr(fast_ops="none") == grad_jaxpr(plain_ops=("lrn", "pool"))
+    assert grad_jaxpr(fast_ops="lrn") == plain_pool
+    assert grad_jaxpr(fast_ops="auto") == fast  # the CPU's choice: both
+    with pytest.raises(ValueError, match="model.fast_ops='some' is unknown"):
+        AlexNet(fast_ops="some")
+
+
+def test_fast_ops_auto_is_a_choice_per_backend():
+    assert ops.plain_for("auto", "cpu") == ()  # both measured faster on XLA:CPU
+    assert ops.plain_for("auto", "gpu") == ops.plain_for("auto", "tpu") == ()
+    assert ops.plain_for("none", "gpu") == ("lrn", "pool")
+    assert ops.plain_for("pool", "tpu") == ("lrn",)
+    assert ops.plain_for("all", "cpu") == ()
