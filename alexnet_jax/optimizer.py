@@ -154,21 +154,26 @@ class Optimizer:
 
     @classmethod
     def from_config(
-        cls, o: Mapping[str, Any], batch_size: int, total_steps: int | None = None
+        cls,
+        o: Mapping[str, Any],
+        batch_size: int,
+        total_steps: int | None = None,
+        steps_per_epoch: float | None = None,
     ) -> Optimizer:
-        """`o` is a config's optimizer section; `batch_size` the global batch it trains and
-        `total_steps` the run's length ('poly' and 'cosine' decay over it; None: unknown, for
-        uses that take no step)."""
+        """`o` is a config's optimizer section; `batch_size` the global batch it trains,
+        `total_steps` the run's length ('poly' and 'cosine' decay over it) and
+        `steps_per_epoch` its epochs' (for warmup_epochs); None: unknown, for uses that take
+        no step."""
         lr = scaled_learning_rate(o["learning_rate"], batch_size, o["base_batch_size"])
         # Configs saved before LARS existed meant the paper's SGD.
         name, trust = o.get("name", "sgd"), o.get("trust_coefficient", 0.001)
+        warmup, epochs = o["warmup_steps"], o.get("warmup_epochs", 0.0)
+        if epochs < 0:
+            raise UsageError(f"optimizer.warmup_epochs={epochs} must be 0 (none) or positive.")
+        if epochs > 0 and steps_per_epoch is not None:
+            warmup = max(round(epochs * steps_per_epoch), 1)
         schedule = make_schedule(
-            o["schedule"],
-            lr,
-            o["step_every_steps"],
-            o["step_factor"],
-            o["warmup_steps"],
-            total_steps or 1,
+            o["schedule"], lr, o["step_every_steps"], o["step_factor"], warmup, total_steps or 1
         )
         return cls(
             make_optimizer(lr, o["momentum"], o["weight_decay"], o["decay_biases"], name, trust),

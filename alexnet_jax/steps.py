@@ -39,12 +39,15 @@ class Trainer:
         mesh: jax.sharding.Mesh,
         plain_ops: Sequence[str] = (),
         total_steps: int | None = None,
+        steps_per_epoch: float | None = None,
     ):
-        """`plain_ops`: an ablation, see AlexNet.plain_ops; `total_steps`: the run's length
-        (for schedules that decay over it)."""
+        """`plain_ops`: an ablation, see AlexNet.plain_ops; `total_steps` and
+        `steps_per_epoch`: the run's length and its epochs' (for the schedule)."""
         self.mesh = mesh
         self.model = AlexNet.from_config(config.model, plain_ops=tuple(plain_ops))
-        self.optimizer = Optimizer.from_config(config.optimizer, config.batch_size, total_steps)
+        self.optimizer = Optimizer.from_config(
+            config.optimizer, config.batch_size, total_steps, steps_per_epoch
+        )
         self.image_size = config.input.image_size
         self.batch_size = config.batch_size
         self.rows = parallel.process_rows(mesh, config.batch_size)  # what this process reads

@@ -273,7 +273,12 @@ def _train_and_evaluate(
     lifecycle.check_same_workdir(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
     source = create_source(config, workdir)
-    trainer = Trainer(config, mesh, total_steps=num_train_steps(config, source.train.size))
+    trainer = Trainer(
+        config,
+        mesh,
+        total_steps=num_train_steps(config, source.train.size),
+        steps_per_epoch=source.train.size / config.batch_size,
+    )
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     restored = ckpt.restore(trainer.abstract_state, optimizer_name(config))
     run = _Run(config, workdir, trainer, source, ckpt, restored)

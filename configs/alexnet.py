@@ -97,6 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     # accuracy under this rule (You et al. 2017, who needed LARS there).
     config.optimizer.base_batch_size = 128
     config.optimizer.warmup_steps = 0  # linear ramp to the rate; ~5 epochs for large batches
+    config.optimizer.warmup_epochs = 0.0  # > 0: the ramp in epochs instead (whatever the batch)
     config.optimizer.momentum = 0.9
     config.optimizer.weight_decay = 5e-4
     config.optimizer.decay_biases = False  # weight decay on kernels only (Caffe's reference)

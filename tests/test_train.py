@@ -210,3 +210,30 @@ def test_lars_trains_on_a_tower_mesh_and_its_checkpoint_refuses_sgd(tiny, tmp_pa
     with pytest.raises(UsageError, match="written by optimizer.name=lars") as e:
         train.train_and_evaluate(config, str(tmp_path))
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_the_accelerator_config_runs_3_steps_in_bfloat16_with_lars(tmp_path):
+    from alexnet_jax.metrics import read_metrics
+    from configs import accelerator
+
+    assert "srun" in accelerator.__doc__ and "tpu-vm ssh" in accelerator.__doc__
+    assert accelerator.get_config().optimizer.name == "sgd"
+    config = accelerator.get_config("lars")
+    assert (config.model.dtype, config.optimizer.name, config.per_device_batch_size) == (
+        "bfloat16",
+        "lars",
+        256,
+    )
+    # Its own settings, at a size this machine trains: the digits, 2 images per device.
+    config.input.dataset, config.model.num_classes, config.model.width = "digits", 10, 0.125
+    config.input.image_size, config.input.resize_size = 67, 72
+    config.per_device_batch_size, config.num_train_steps = 2, 3
+    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 1
+    metrics = train.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(metrics["eval/loss"])
+    first = [m for m in read_metrics(tmp_path) if "train/learning_rate" in m][0]
+    # Global batch 2 x 8 = 16; the warm-up of 5 epochs of 1,437 digits is 449 steps.
+    warmup = round(5 * 1437 / 16)
+    assert first["train/learning_rate"] == pytest.approx(0.15625 * 16 / 128 / warmup, rel=1e-4)
+    with pytest.raises(ValueError, match="use one of"):
+        accelerator.get_config("adam")
