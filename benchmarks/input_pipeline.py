@@ -43,10 +43,15 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-_IMAGES = flags.DEFINE_integer("images", 384, "Training images to make (and validation: 1/4).")
-_STEP_BATCH = flags.DEFINE_integer("step_batch", 32, "Batch of the timed train step (0: skip).")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds of the input paths' timings.")
-_LOOP_STEPS = flags.DEFINE_integer("loop_steps", 400, "Steps of the tiny loop run (0: skip).")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Only when run as a script: benchmarks/accelerator.py imports this module's functions."""
+    flags.DEFINE_integer("images", 384, "Training images to make (and validation: 1/4).")
+    flags.DEFINE_integer("step_batch", 32, "Batch of the timed train step (0: skip).")
+    flags.DEFINE_integer("rounds", 3, "Interleaved rounds of the input paths' timings.")
+    flags.DEFINE_integer("loop_steps", 400, "Steps of the tiny loop run (0: skip).")
 
 
 def photographs(n: int, seed: int = 0) -> list[bytes]:
@@ -211,7 +216,7 @@ def main(argv: list[str]) -> None:
     from configs import alexnet
 
     synsets = paper256.tfds_labels()[0][:4]
-    n = _IMAGES.value
+    n = FLAGS.images
     train, val = photographs(n, 0), photographs(max(n // 4, 16), 1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -289,7 +294,7 @@ def main(argv: list[str]) -> None:
         # Interleaved rounds (A B C ... A B C ...): this machine's speed drifts by tens of
         # percent over minutes, so each path gets its median and the ratio its spread.
         measured = {name: [] for name in paths}
-        for _ in range(_ROUNDS.value):
+        for _ in range(FLAGS.rounds):
             for name, measure in paths.items():
                 measured[name].append(measure())
         rows += [(name, np.median(v), min(v), max(v)) for name, v in measured.items()]
@@ -312,10 +317,10 @@ def main(argv: list[str]) -> None:
         if dali_input.available():
             pixels = dali_pixels(stored, p, batch)
 
-    if _STEP_BATCH.value:
+    if FLAGS.step_batch:
         step = step_rate()
-        rows.append((f"train step, paper model, batch {_STEP_BATCH.value}, all cores", step))
-    loop = loop_seconds_per_step() if _LOOP_STEPS.value else None
+        rows.append((f"train step, paper model, batch {FLAGS.step_batch}, all cores", step))
+    loop = loop_seconds_per_step() if FLAGS.loop_steps else None
     print(f"\n{'path':<52} {'images/s':>10}")
     for name, rate, *spread in rows:
         per = "" if "all cores" in name else " per process" if PROCESS in name else " per core"
@@ -374,7 +379,7 @@ def loop_seconds_per_step() -> tuple[float, float, int]:
 
     config = digits.get_config()
     config.batch_size = config.optimizer.base_batch_size = alexnet.get_config().batch_size
-    steps, every = _LOOP_STEPS.value, max(_LOOP_STEPS.value // 4, 1)
+    steps, every = FLAGS.loop_steps, max(FLAGS.loop_steps // 4, 1)
     config.num_train_steps = steps
     config.log_every_steps = every
     config.eval_every_steps = config.checkpoint_every_steps = steps
@@ -400,7 +405,7 @@ def step_rate() -> float:
     from configs import alexnet
 
     config = alexnet.get_config()
-    config.batch_size = _STEP_BATCH.value
+    config.batch_size = FLAGS.step_batch
     config.mesh.data = 1
     mesh = parallel.create_mesh(1, 1)
     trainer = steps.Trainer(config, mesh)
@@ -416,4 +421,5 @@ def step_rate() -> float:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -136,3 +136,45 @@ def test_the_pytorch_comparison_checks_logits_then_times_interleaved_rounds():
     assert out["ratios"]["jax/torch"]["median"] == pytest.approx(np.median(per_round))
     assert out["versions"]["torch"].startswith("2.")
     assert out["others_malloc"] == "system"  # each other framework in a process of its own
+
+
+@pytest.mark.slow  # compiles the step five times, prepares photographs, runs the loop
+def test_the_accelerator_benchmark_writes_every_field(tmp_path):
+    from alexnet_jax import dali_input
+
+    args = ["--tiny", "--per_device=2,4", "--steps=1", "--loop_steps=3", "--input_images=24"]
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/accelerator.py"), f"--out={tmp_path}", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "accelerator.json").read_text())
+    assert result["devices"]["devices"] == 2 and result["devices"]["backend"] == "cpu"
+    steps = result["train_step"]
+    settings = {(s["dtype"], s["per_device_batch"], s["fast_ops"]) for s in steps}
+    assert settings == {
+        *((d, b, "auto") for d in ("float32", "bfloat16") for b in (2, 4)),
+        ("bfloat16", 4, "none"),
+    }
+    for s in steps:
+        assert s["images_per_sec"] > 0 and 0 < s["mfu"] < 1 and s["memory_bytes_per_device"] > 0
+        assert s["images_per_sec_per_device"] == pytest.approx(s["images_per_sec"] / 2)
+    loaders = [i["loader"] for i in result["input"]]
+    assert loaders == ["tf.data"] + (["dali"] if dali_input.available() else [])
+    assert all(i["images_per_sec"] > 0 and i["threads"] >= 1 for i in result["input"])
+    assert result["loop"]["steps"] == 3 and 0 <= result["loop"]["data_wait_fraction"] <= 1
+    table = (tmp_path / "accelerator.md").read_text()
+    assert "| bfloat16 | 4 | none |" in table and "launch.py's loop" in table
+
+
+def test_published_peaks_are_found_by_device_kind():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from benchmarks import accelerator
+
+    assert accelerator.published_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert accelerator.published_peak("NVIDIA H200", "float32") == 67e12
+    assert accelerator.published_peak("TPU v4", "bfloat16") == 275e12
+    assert accelerator.published_peak("TPU v4", "float32") is None  # measured instead
+    assert accelerator.published_peak("cpu", "bfloat16") is None
