@@ -96,10 +96,10 @@ def test_the_model_traces_the_plain_definitions_it_is_given_only():
     np.testing.assert_array_equal(ops.pool(x, 3, 2, plain=True), ops.max_pool(x, 3, 2))
     with pytest.raises(ValueError, match="unknown ops \\['lrm'\\]"):
         AlexNet(plain_ops=("lrm",))
-    # model.fast_ops: the custom backward passes by name, or per backend.
-    assert grad_jaxpr(fast_ops="none") == grad_jaxpr(plain_ops=("lrn", "pool"))
+    # model.fast_ops by name (the default, 'auto', is `fast` above: the CPU's choice, both).
+    none = grad_jaxpr(fast_ops="none")
+    assert "select_and_scatter" in none and "dot_general" in none.split("conv_general_dilated")[1]
     assert grad_jaxpr(fast_ops="lrn") == plain_pool
-    assert grad_jaxpr(fast_ops="auto") == fast  # the CPU's choice: both
     with pytest.raises(ValueError, match="model.fast_ops='some' is unknown"):
         AlexNet(fast_ops="some")
 

@@ -228,7 +228,8 @@ def test_the_accelerator_config_runs_3_steps_in_bfloat16_with_lars(tmp_path):
     config.input.dataset, config.model.num_classes, config.model.width = "digits", 10, 0.125
     config.input.image_size, config.input.resize_size = 67, 72
     config.per_device_batch_size, config.num_train_steps = 2, 3
-    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 1
+    config.log_every_steps, config.eval_every_steps = 1, 3
+    config.checkpoint_every_steps = 3
     metrics = train.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(metrics["eval/loss"])
     first = [m for m in read_metrics(tmp_path) if "train/learning_rate" in m][0]
