@@ -103,14 +103,16 @@ def step_rows() -> list[dict]:
     kind = jax.devices()[0].device_kind
     n = jax.device_count()
     # The peak of all devices per dtype: one device's, published or else a matmul timed here
-    # once (512 with --tiny: a 4096 one in bfloat16 takes minutes on a CPU without bfloat16
-    # arithmetic), times the devices; on the CPU the simulated devices share the machine's.
+    # once (512 with --tiny), times the devices. On the CPU the simulated devices share the
+    # machine's, and bfloat16 takes float32's: the CPU has no bfloat16 arithmetic (XLA converts),
+    # so a bfloat16 matmul times the conversions, not a peak.
     on_cpu = jax.default_backend() == "cpu"
     peaks, measured = {}, set()
     for d in FLAGS.dtypes:
         one = published_peak(kind, d)
         if one is None:
-            one = train_step.matmul_peak(d, 512 if FLAGS.tiny else 4096)
+            timed = "float32" if on_cpu else d
+            one = train_step.matmul_peak(timed, 512 if FLAGS.tiny else 4096)
             measured.add(d)
         peaks[d] = one if on_cpu else one * n
     settings = [(d, int(b), "auto") for d in FLAGS.dtypes for b in FLAGS.per_device]
