@@ -176,16 +176,29 @@ def _ahead(make: Callable[[], Iterator[dict]], depth: int = 2) -> Iterator[dict]
         yield item
 
 
+def _cut(
+    ds: tf.data.Dataset,
+    split: Split,
+    p: input_pipeline.Preprocess,
+    where: np.ndarray | None,
+    threads: int | None,
+    stream: dict[str, Any],
+) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of `ds` (a stream with decode=False) with DALI's crops: at each example's
+    window in training (`where` None), else at `where`."""
+    rows = stream.get("rows")
+    local = stream["batch_size"] if rows is None else len(rows)
+    cut = _Pipeline(local, p.image_size, where, input_pipeline._parallelism(threads))
+    train = where is None
+    return _ahead(lambda: _decoded(input_pipeline.iterate(ds, split), cut, split, train))
+
+
 def train_batches(
     source: Source, p: input_pipeline.Preprocess, *, threads: int | None, **stream: Any
 ) -> Iterator[dict[str, np.ndarray]]:
     """input_pipeline.train_dataset's batches (same keyword arguments), cut by DALI."""
     ds = input_pipeline.train_dataset(source, p, threads=threads, decode=False, **stream)
-    rows = stream.get("rows")
-    local = stream["batch_size"] if rows is None else len(rows)
-    cut = _Pipeline(local, p.image_size, None, input_pipeline._parallelism(threads))
-    numpy = lambda: input_pipeline.iterate(ds, source.train)
-    return _ahead(lambda: _decoded(numpy(), cut, source.train, train=True))
+    return _cut(ds, source.train, p, None, threads, stream)
 
 
 def eval_batches(
@@ -193,10 +206,6 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """input_pipeline.eval_dataset's batches (same keyword arguments), cut by DALI."""
     ds = input_pipeline.eval_dataset(source, p, threads=threads, decode=False, **stream)
-    rows = stream.get("rows")
-    local = stream["batch_size"] if rows is None else len(rows)
     square = tf.zeros([p.resize_size, p.resize_size, 3], tf.uint8)
     where = input_pipeline.eval_preprocess(square, p)["crops"].numpy()
-    cut = _Pipeline(local, p.image_size, where, input_pipeline._parallelism(threads))
-    numpy = lambda: input_pipeline.iterate(ds, source.eval)
-    return _ahead(lambda: _decoded(numpy(), cut, source.eval, train=False))
+    return _cut(ds, source.eval, p, where, threads, stream)

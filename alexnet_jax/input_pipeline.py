@@ -484,6 +484,9 @@ def eval_dataset(
     each example carries, instead of its crops, what to cut them from (as train_dataset's)."""
     split = source.eval
     encoded = source.stored_size == preprocess.resize_size and split.jpeg is not None
+    side = preprocess.resize_size
+    if not decode:  # where the crops of every example are taken (the same for all)
+        where = eval_preprocess(tf.zeros([side, side, 3], tf.uint8), preprocess)["crops"]
     real = split.epoch(0, 0, 0).map(lambda key: (key, 1.0))
     ds = real.concatenate(tf.data.Dataset.from_tensors((split.pad_key, 0.0)).repeat(batch_size - 1))
     fetch = lambda g, example: (g, (split.fetch(example[0]), example[1]))
@@ -492,7 +495,6 @@ def eval_dataset(
     def prepare(g, example):
         record, weight = example
         if not decode:
-            side = preprocess.resize_size
             batched = tf.nest.map_structure(lambda x: x[None], record)
             first = lambda x: x[0]
             one = lambda: tf.nest.map_structure(first, _uncut(split, batched, encoded, preprocess))
@@ -503,7 +505,6 @@ def eval_dataset(
             # Padding rows carry a real JPEG (DALI decodes every row) and tf.data's label 0.
             data, label = one() if encoded else tf.cond(weight > 0, one, blank)
             label = tf.where(weight > 0, label, 0)
-            where = eval_preprocess(tf.zeros([side, side, 3], tf.uint8), preprocess)["crops"]
             return {**data, "crops": where, "labels": label, "weights": weight}
         image, label = tf.cond(
             weight > 0,

@@ -159,6 +159,18 @@ def _is_first() -> bool:
     return jax.process_index() == 0
 
 
+def _batches(
+    train: bool, source: sources.Source, preprocess: input_pipeline.Preprocess, **stream: Any
+) -> Iterator[dict]:
+    """The train (or eval) batches of `source` as NumPy, from the loader input.loader names."""
+    if preprocess.loader == "dali":
+        make = dali_input.train_batches if train else dali_input.eval_batches
+        return make(source, preprocess, **stream)
+    split = source.train if train else source.eval
+    make = input_pipeline.train_dataset if train else input_pipeline.eval_dataset
+    return input_pipeline.iterate(make(source, preprocess, **stream), split)
+
+
 def evaluate(
     trainer: Trainer,
     state: TrainState,
@@ -170,11 +182,7 @@ def evaluate(
     """One pass over the eval split with `preprocess`'s centre crop (or its ten patches):
     the metrics under `prefix`, logged. Training and --mode=eval both evaluate here."""
     stream = dict(batch_size=trainer.batch_size, rows=trainer.rows, threads=trainer.input_threads)
-    if preprocess.loader == "dali":
-        batches = dali_input.eval_batches(source, preprocess, **stream)
-    else:
-        ds = input_pipeline.eval_dataset(source, preprocess, **stream)
-        batches = input_pipeline.iterate(ds, source.eval)
+    batches = _batches(False, source, preprocess, **stream)
     consts = trainer.input_constants(preprocess)
     metrics = trainer.evaluate(state, batches, preprocess.ten_crop, prefix, consts)
     log_eval(step, metrics, prefix)
@@ -418,11 +426,7 @@ class _Run:
             rows=self.trainer.rows,
             threads=self.trainer.input_threads,
         )
-        if self.preprocess.loader == "dali":
-            batches = dali_input.train_batches(self.source, self.preprocess, **stream)
-        else:
-            ds = input_pipeline.train_dataset(self.source, self.preprocess, **stream)
-            batches = input_pipeline.iterate(ds, self.source.train)
+        batches = _batches(True, self.source, self.preprocess, **stream)
         self.t_log = time.time()
         return parallel.prefetch(self.trainer.mesh, batches, self.config.batch_size)
 

@@ -184,35 +184,7 @@ def test_profile_steps_leaves_a_trace_in_the_workdir(tiny, tmp_path):
     assert len(traces) == 1 and traces[0].stat().st_size > 10_000
 
 
-def test_lars_trains_on_a_tower_mesh_and_its_checkpoint_refuses_sgd(tiny, tmp_path):
-    from alexnet_jax import checkpoint
-    from alexnet_jax.metrics import read_metrics
-
-    config = tiny(
-        **{
-            "optimizer.name": "lars",
-            "optimizer.learning_rate": 2.0,
-            "optimizer.schedule": "poly",
-            "optimizer.warmup_steps": 2,
-            "num_train_steps": 4,
-            "mesh.data": 4,
-            "mesh.model": 2,
-        }
-    )
-    metrics = train.train_and_evaluate(config, str(tmp_path))
-    assert np.isfinite(metrics["eval/loss"])
-    ckpt = checkpoint.Checkpointer(tmp_path, read_only=True)
-    assert ckpt.data(4)["optimizer"] == "lars"
-    lines = [m for m in read_metrics(tmp_path) if "train/learning_rate" in m]
-    # The last update (step index 3 of 4) takes poly's 2.0 * (1 - 3/4)^2.
-    assert lines[-1]["train/learning_rate"] == pytest.approx(0.125, rel=1e-5)
-    config.num_train_steps, config.optimizer.name = 8, "sgd"
-    with pytest.raises(UsageError, match="written by optimizer.name=lars") as e:
-        train.train_and_evaluate(config, str(tmp_path))
-    assert len(str(e.value).splitlines()) == 1
-
-
-def test_the_accelerator_config_runs_3_steps_in_bfloat16_with_lars(tmp_path):
+def test_the_accelerator_config_runs_3_steps_in_bfloat16_with_lars_and_refuses_sgd(tmp_path):
     from alexnet_jax.metrics import read_metrics
     from configs import accelerator
 
@@ -236,5 +208,12 @@ def test_the_accelerator_config_runs_3_steps_in_bfloat16_with_lars(tmp_path):
     # Global batch 2 x 8 = 16; the warm-up of 5 epochs of 1,437 digits is 449 steps.
     warmup = round(5 * 1437 / 16)
     assert first["train/learning_rate"] == pytest.approx(0.15625 * 16 / 128 / warmup, rel=1e-4)
+    from alexnet_jax import checkpoint
+
+    assert checkpoint.Checkpointer(tmp_path, read_only=True).data(3)["optimizer"] == "lars"
+    config.num_train_steps, config.optimizer.name = 6, "sgd"  # resumed with the other one
+    with pytest.raises(UsageError, match="written by optimizer.name=lars") as e:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert len(str(e.value).splitlines()) == 1
     with pytest.raises(ValueError, match="use one of"):
         accelerator.get_config("adam")
