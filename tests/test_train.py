@@ -184,6 +184,7 @@ def test_profile_steps_leaves_a_trace_in_the_workdir(tiny, tmp_path):
     assert len(traces) == 1 and traces[0].stat().st_size > 10_000
 
 
+@pytest.mark.slow  # two short runs
 def test_the_accelerator_config_runs_3_steps_in_bfloat16_with_lars_and_refuses_sgd(tmp_path):
     from alexnet_jax.metrics import read_metrics
     from configs import accelerator
