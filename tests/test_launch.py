@@ -112,6 +112,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert [m["step"] for m in metrics(broken)] == [m["step"] for m in metrics(whole)]
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_notebook_restores_a_run(tmp_path):
     from conftest import tiny_config
 
@@ -122,6 +123,7 @@ def test_notebook_restores_a_run(tmp_path):
     assert "held-out top-1 accuracy:" in text and "(360 digits)" in text
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_the_kernels_notebook_draws_both_towers(trained_on_4x2, tmp_path):
     from PIL import Image
 

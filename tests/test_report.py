@@ -76,6 +76,7 @@ def test_splitting_the_towers_halves_memory_below_a_gtx_580():
     assert peaks[(1, 2)] <= 3 * 2**30  # the GTX 580's 3 GB
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_the_benchmark_script_prints_the_report():
     r = subprocess.run(
         [
