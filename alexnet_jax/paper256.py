@@ -4,8 +4,10 @@ opens as `imagenet2012_paper256` (random access). Prepared straight from the two
 tars on every core, with the training set's mean image and RGB covariance (for the paper's
 mean subtraction and PCA lighting) computed in the same pass.
 
-A run that stops half-way keeps its finished shards and resumes with the rest; the dataset's
-metadata, which is what makes TFDS (and this project) see it, is written last.
+A run that stops half-way (Ctrl-C, SIGTERM, or killed) keeps its finished shards and resumes
+with the rest; its worker processes stop with it. The dataset's metadata, which is what makes
+TFDS (and this project) see it, is written last. An image that does not decode is left out,
+counted and listed in undecodable.json beside the shards.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,10 +87,11 @@ def shard_path(directory: Path, split: str, index: int, count: int) -> Path:
     return directory / f"{NAME}-{split}.array_record-{index:05d}-of-{count:05d}"
 
 
-def _stats_path(shard: Path) -> Path:
-    """A train shard's pixel sums, kept apart from the files TFDS reads."""
+def _stats_path(shard: Path, suffix: str = ".npz") -> Path:
+    """A shard's pixel sums (train) or list of undecodable images, kept apart from the files
+    TFDS reads."""
     (shard.parent / "shard_stats").mkdir(exist_ok=True)
-    return shard.parent / "shard_stats" / f"{shard.name}.npz"
+    return shard.parent / "shard_stats" / f"{shard.name}{suffix}"
 
 
 def _images(job: Job) -> Iterator[tuple[str, bytes, int]]:
@@ -103,9 +108,10 @@ def _images(job: Job) -> Iterator[tuple[str, bytes, int]]:
                         yield m.name, inner.extractfile(m).read(), label
 
 
-def write_shard(job: Job, directory: str) -> int:
-    """Convert one shard's images and write the shard (and, for train, its pixel statistics
-    beside it) under a temporary name, renamed when complete. Returns its image count."""
+def write_shard(job: Job, directory: str) -> tuple[int, list[str]]:
+    """Convert one shard's images and write the shard (and beside it, for train, its pixel
+    statistics, and the images that did not decode) under a temporary name, renamed when
+    complete. Returns its image count and the names of the images left out."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     final = shard_path(Path(directory), job.split, job.index, job.count)
@@ -113,12 +119,13 @@ def write_shard(job: Job, directory: str) -> int:
     features = _features()
     total, outer = np.zeros((SIZE, SIZE, 3), np.uint32), np.zeros((3, 3))
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    n = 0
+    n, bad = 0, []
     for name, data, label in _images(job):
         try:
             image = to_paper256(data)
-        except (OSError, ValueError) as e:  # Pillow's errors for a damaged file
-            raise ValueError(f"{name} in {job.tar} could not be decoded: {e}") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # Pillow's errors
+            bad.append(f"{job.split}/{name}: {type(e).__name__}: {e}")
+            continue
         if job.split == "train":  # exact sums: integers, and float32 products of 0-255
             total += image
             pixels = image.reshape(-1, 3).astype(np.float32)
@@ -128,8 +135,9 @@ def write_shard(job: Job, directory: str) -> int:
     writer.close()
     if job.split == "train":
         np.savez(_stats_path(final), total=total, outer=outer / 255.0**2, count=n)
+    _stats_path(final, ".undecodable.json").write_text(json.dumps(bad))
     os.replace(tmp, final)
-    return n
+    return n, bad
 
 
 def _features():
@@ -183,28 +191,79 @@ def prepare(data_dir: str, manual_dir: str, processes: int | None = None) -> Pat
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     jobs = plan(Path(manual_dir).expanduser())
+    convert(jobs, directory, processes or len(os.sched_getaffinity(0)))
+    _finish(directory, jobs, tfds)
+    return directory
+
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C stopped the conversion; the finished shards are kept. args: the
+    signal's name, then (once the workers are stopped) what to tell the user."""
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + signal.Signals[self.args[0]].value
+
+
+def convert(jobs: list[Job], directory: Path, processes: int) -> None:
+    """Write the shards of `jobs` that are not written yet, on `processes` worker processes
+    that exit with this one (however it ends). SIGTERM and Ctrl-C stop them and raise Stopped,
+    which says how many shards are kept and how to resume."""
     todo = [j for j in jobs if not shard_path(directory, j.split, j.index, j.count).exists()]
-    processes = processes or len(os.sched_getaffinity(0))
     print(f"{len(jobs) - len(todo)} of {len(jobs)} shards already written; {processes} processes")
-    start, images, done = time.time(), 0, len(jobs) - len(todo)
+    start, images, done, skipped = time.time(), 0, len(jobs) - len(todo), 0
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     # spawn, not fork: the parent has TensorFlow's threads running.
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    pool = multiprocessing.get_context("spawn").Pool(
+        processes, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    )
+    try:
         results = pool.imap_unordered(_write_shard_star, [(j, str(directory)) for j in todo])
-        for n in results:
-            images, done = images + n, done + 1
+        for n, bad in results:
+            images, done, skipped = images + n, done + 1, skipped + len(bad)
+            for line in bad:
+                print(f"left out, does not decode: {line}", flush=True)
             rate = images / (time.time() - start)
             left = (len(jobs) - done) * (images / max(done - (len(jobs) - len(todo)), 1))
             eta = datetime.timedelta(seconds=round(left / max(rate, 1e-9)))
             print(
                 f"{done}/{len(jobs)} shards, {images:,} images, {rate:,.0f} images/s "
-                f"({rate / processes:,.0f} per process), ETA {eta}",
+                f"({rate / processes:,.0f} per process), ETA {eta}"
+                + (f", {skipped} left out" if skipped else ""),
                 flush=True,
             )
-    _finish(directory, jobs, tfds)
-    return directory
+    except (KeyboardInterrupt, Stopped) as e:
+        name = e.args[0] if isinstance(e, Stopped) else "SIGINT"
+        finished = sum(shard_path(directory, j.split, j.index, j.count).exists() for j in jobs)
+        raise Stopped(
+            name,
+            f"stopped ({name}): {finished} of {len(jobs)} shards are written and kept in "
+            f"{directory}. Run the same command to write the rest.",
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        pool.terminate()  # a shard cut short stays .incomplete and is written again
+        pool.join()
 
 
-def _write_shard_star(args: tuple[Job, str]) -> int:
+def _exit_with_parent(parent: int) -> None:
+    """In each worker: exit as soon as the process that started it is gone (killed, even
+    with SIGKILL), rather than write shards for nobody beside a new run's."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _write_shard_star(args: tuple[Job, str]) -> tuple[int, list[str]]:
     return write_shard(*args)
 
 
@@ -213,10 +272,20 @@ def _finish(directory: Path, jobs: list[Job], tfds) -> None:
     from array_record.python.array_record_module import ArrayRecordReader
 
     lengths: dict[str, list[int]] = {"train": [], "validation": []}
+    undecodable = []
     for j in jobs:
-        reader = ArrayRecordReader(str(shard_path(directory, j.split, j.index, j.count)))
+        shard = shard_path(directory, j.split, j.index, j.count)
+        reader = ArrayRecordReader(str(shard))
         lengths[j.split].append(reader.num_records())
         reader.close()
+        listed = _stats_path(shard, ".undecodable.json")
+        undecodable += json.loads(listed.read_text()) if listed.exists() else []
+    (directory / "undecodable.json").write_text(json.dumps(undecodable, indent=1))
+    if undecodable:
+        print(
+            f"{len(undecodable)} images did not decode and are left out (listed in "
+            f"{directory / 'undecodable.json'}): {undecodable[:3]}"
+        )
     train = [shard_path(directory, "train", j.index, j.count) for j in jobs if j.split == "train"]
     parts = [np.load(_stats_path(p)) for p in train]
     count = sum(int(p["count"]) for p in parts)

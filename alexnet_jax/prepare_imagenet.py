@@ -58,11 +58,19 @@ def main(argv: list[str]) -> None:
         sys.exit(
             "prepare_imagenet: error: --manual_dir=DIR (the directory with the tars) is needed"
         )
+    from alexnet_jax.paper256 import Stopped
+
     try:
         path = prepare(_DATA_DIR.value, _MANUAL_DIR.value, _FORM.value, _PROCESSES.value)
         print(f"prepared {path}")
     except UsageError as e:
         sys.exit(f"prepare_imagenet: error: {e}")
+    except Stopped as e:  # paper256: the finished shards are kept
+        print(f"prepare_imagenet: {e.args[1] if len(e.args) > 1 else e}", file=sys.stderr)
+        sys.exit(e.exit_status)
+    except KeyboardInterrupt:  # tfds: TFDS's builder starts again next time
+        print("prepare_imagenet: stopped (SIGINT).", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,14 @@
 dataset's odd files), its labels, its statistics, resumption, and training on it."""
 
 import io
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import jax
 import numpy as np
@@ -50,10 +56,15 @@ def _add(tar, name, data):
 KINDS = ("rgb", "cmyk", "grey", "png")
 
 
-def make_tars(root, per_class=4, val=6):
+BROKEN = (f"train/{CLASSES[0]}_broken.JPEG", "validation/ILSVRC2012_val_00000007.JPEG")
+
+
+def make_tars(root, per_class=4, val=6, broken=False):
     """ILSVRC2012_img_train.tar (an inner tar per synset) and ILSVRC2012_img_val.tar (files
-    named as the real ones); returns {file name: file bytes}."""
+    named as the real ones); returns {file name: file bytes}. `broken`: the truncated JPEGs
+    BROKEN too (not returned), the last of the validation files and one more of a class."""
     files = {}
+    cut = lambda data: data[:600]
     with tarfile.open(root / paper256.TRAIN_TAR, "w") as outer:
         for k, synset in enumerate(CLASSES):
             inner_bytes = io.BytesIO()
@@ -63,8 +74,12 @@ def make_tars(root, per_class=4, val=6):
                     photo = _photo(300 + 40 * i, 260 + 30 * k, seed=10 * k + i)
                     files[name] = _file(photo, KINDS[i % len(KINDS)])
                     _add(inner, name, files[name])
+                    if broken and k == 0 and i == 1:
+                        _add(inner, f"{synset}_broken.JPEG", cut(files[name]))
             _add(outer, f"{synset}.tar", inner_bytes.getvalue())
     with tarfile.open(root / paper256.VAL_TAR, "w") as tar:
+        if broken:
+            _add(tar, f"ILSVRC2012_val_{val + 1:08d}.JPEG", cut(files[f"{CLASSES[0]}_0.JPEG"]))
         for i in reversed(range(val)):  # stored out of order: labels follow the sorted names
             name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
             files[name] = _file(_photo(280, 400 + 10 * i, seed=100 + i), KINDS[i % len(KINDS)])
@@ -76,7 +91,7 @@ def make_tars(root, per_class=4, val=6):
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper256")
     (root / "tars").mkdir()
-    images = make_tars(root / "tars")
+    images = make_tars(root / "tars", broken=True)
     directory = paper256.prepare(str(root / "data"), str(root / "tars"), processes=2)
     return root, images, directory
 
@@ -102,6 +117,9 @@ def test_the_paper_form_of_every_image_with_tfds_labels(prepared):
         assert np.abs(got.astype(int) - want).mean() < 3  # JPEG q95 of the same pixels
     train_labels = sorted(r["label"] for r in _records(directory, "train"))
     assert train_labels == sorted([SYNSETS.index(s) for s in CLASSES] * 4)
+    # The truncated JPEGs are left out, listed; the labels of the rest are unchanged.
+    left_out = json.loads((directory / "undecodable.json").read_text())
+    assert [line.split(":")[0] for line in left_out] == list(BROKEN)
 
 
 def test_odd_files_become_rgb_256():
@@ -124,8 +142,80 @@ def test_statistics_of_the_training_set(prepared):
     assert mean_image.shape == (256, 256, 3)
     train = [paper256.to_paper256(f) for n, f in images.items() if not n.startswith("ILSVRC")]
     np.testing.assert_allclose(mean_image, np.mean(train, axis=0), atol=1e-3)
-    stats = ip.Stats.from_dict(sources.paper256_source(_cfg(prepared)).stats)
+    saved = sources.paper256_source(_cfg(prepared)).stats
+    stats = ip.Stats.from_dict(saved)
     assert np.allclose(stats.mean, mean_image.reshape(-1, 3).mean(0), atol=1e-3)
+    # The PCA lighting's eigen-decomposition against NumPy's covariance of the same pixels
+    # (0-1 RGB, section 4.1): eigenvalues in descending order, eigenvectors as columns.
+    pixels = np.concatenate([t.reshape(-1, 3) for t in train]).astype(np.float64) / 255
+    values, vectors = np.linalg.eigh(np.cov(pixels, rowvar=False, bias=True))
+    values, vectors = values[::-1], vectors[:, ::-1]
+    assert (values[1:] < 0.9 * values[:-1]).all()  # distinct: each vector is set up to sign
+    np.testing.assert_allclose(saved["eigval"], values, rtol=1e-4, atol=1e-7)
+    got = np.asarray(saved["eigvec"])
+    np.testing.assert_allclose(np.abs(got), np.abs(vectors), atol=1e-4)
+    for j in range(3):  # each column is the eigenvector (one sign), not a row of them
+        np.testing.assert_allclose(
+            got[:, j] * np.sign(got[:, j] @ vectors[:, j]), vectors[:, j], atol=1e-4
+        )
+
+
+def _state(pid: int) -> tuple[str, int, str]:
+    """(state, parent pid, command line) of a process; state 'gone' once it has exited."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        cmdline = open(f"/proc/{pid}/cmdline").read()
+    except OSError:
+        return "gone", 0, ""
+    return ("gone" if stat[0] in "ZX" else stat[0]), int(stat[1]), cmdline
+
+
+def _workers(parent: int) -> list[int]:
+    """The live multiprocessing workers `parent` spawned."""
+    states = {int(d): _state(int(d)) for d in os.listdir("/proc") if d.isdigit()}
+    return [
+        p
+        for p, (state, ppid, cmdline) in states.items()
+        if ppid == parent and "spawn_main" in cmdline and state != "gone"
+    ]
+
+
+@pytest.mark.slow  # two preparations started and stopped, each spawning its workers
+def test_stopping_the_preparation_stops_its_workers(tmp_path):
+    """SIGTERM: one line, exit 143, workers stopped. SIGKILL: the workers exit by themselves
+    (they would otherwise write shards beside the next run's). Their input never comes: the
+    tar is a FIFO nobody writes."""
+    fifo = tmp_path / "tar"
+    os.mkfifo(fifo)
+    script = f"""
+import sys
+from pathlib import Path
+from alexnet_jax import paper256
+job = lambda i: paper256.Job("validation", i, 2, {str(fifo)!r}, (("x", 0, 9),), (0,))
+try:
+    paper256.convert([job(0), job(1)], Path({str(tmp_path)!r}), 2)
+except paper256.Stopped as e:
+    print(e.args[1]); sys.exit(e.exit_status)
+"""
+    for kill in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        deadline = time.time() + 60
+        while len(_workers(proc.pid)) < 2:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        workers = _workers(proc.pid)
+        proc.send_signal(kill)
+        out = proc.communicate(timeout=30)[0].decode()
+        if kill == signal.SIGTERM:
+            assert proc.returncode == 143, out
+            assert "stopped (SIGTERM): 0 of 2 shards are written and kept in" in out, out
+            assert "Traceback" not in out
+        deadline = time.time() + 10
+        while any(_state(p)[0] != "gone" for p in workers):
+            assert time.time() < deadline, f"workers {workers} outlived {kill.name}"
+            time.sleep(0.2)
 
 
 def _cfg(prepared):
