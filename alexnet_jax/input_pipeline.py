@@ -566,9 +566,14 @@ def skip_undecodable(source: Source, workdir: epath.PathLike | None, write: bool
         )
     path = epath.Path(workdir) / "undecodable.json" if workdir else None
     cached = json.loads(path.read_text()) if path is not None and path.exists() else {}
-    if cached.get("key") != source.fingerprint:
+    # Keyed by the files' names and sizes: indices into a folder that changed would name
+    # other images.
+    key = [source.fingerprint] + [
+        s.contents() if s.contents else "" for s in (source.train, source.eval)
+    ]
+    if cached.get("key") != key:
         logging.info("input.skip_corrupt: decoding every image once to find the bad ones")
-        cached = {"key": source.fingerprint}
+        cached = {"key": key}
         for name, split in (("train", source.train), ("eval", source.eval)):
             bad = undecodable(split)
             cached[name] = bad

@@ -8,6 +8,7 @@ input pipeline can give each process its rows of every global batch before anyth
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import threading
@@ -51,6 +52,9 @@ class Split:
     describe: Callable[[int, tf.Tensor], str]  # names example (i, key) in error messages
     random_access: bool = True  # False: every process reads every record (TFRecord)
     jpeg: Callable[[Any], tuple[tf.Tensor, tf.Tensor]] | None = None  # record -> (JPEG, label)
+    # A digest of the names and sizes of the files that hold the split (None: fixed data), for
+    # caches that must go stale when files are added, removed or replaced.
+    contents: Callable[[], str] | None = None
 
     def without(self, bad: list[int]) -> Split:
         """This split without the examples of keys `bad` (random-access splits): every epoch
@@ -142,13 +146,21 @@ def digits_source() -> Source:
     )
 
 
+def files_digest(paths: list[str]) -> str:
+    """A digest of the files' names and sizes, in order."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{p}\0{os.stat(p).st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     return tf.ensure_shape(image, [None, None, 3])
 
 
 def _folder_split(root: Path, classes: list[str], shuffle: bool) -> Split:
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
         d = root / name
         if not d.is_dir():
@@ -156,14 +168,23 @@ def _folder_split(root: Path, classes: list[str], shuffle: bool) -> Split:
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         paths += [str(p) for p in files]
         labels += [label] * len(files)
+        if not files:
+            empty.append(name)
     if not paths:
         raise UsageError(
             f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/. Put each class's "
             "images in a sub-folder named after the class."
         )
+    if shuffle and empty:  # the training split: a class without images cannot be learnt
+        raise UsageError(
+            f"{len(empty)} class folder(s) under {root} hold no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}): {empty[:5]}. Each folder of the training split "
+            "is a class; add its images, or remove the folder."
+        )
     paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int32)
     read = lambda i: (_decode_file(tf.gather(paths_t, i)), tf.gather(labels_t, i))
-    return _indexed_split(len(paths), read, shuffle, lambda i, key: paths[int(key)])
+    split = _indexed_split(len(paths), read, shuffle, lambda i, key: paths[int(key)])
+    return dataclasses.replace(split, contents=lambda: files_digest(paths))
 
 
 def imagefolder_source(cfg: ml_collections.ConfigDict) -> Source:
@@ -290,7 +311,9 @@ def _tfds_random_access(
 
     describe = lambda i, key: f"{name} record {int(key)}"
     split = _indexed_split(size, unpack, shuffle, describe, fetch)
-    return dataclasses.replace(split, jpeg=lambda record: record)
+    shards = [str(f.filename) for f in files] if files is not None else None
+    contents = (lambda: files_digest(shards)) if shards else None
+    return dataclasses.replace(split, jpeg=lambda record: record, contents=contents)
 
 
 def _tfds_sequential(

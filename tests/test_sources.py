@@ -2,6 +2,7 @@
 per-epoch orders of a random-access split."""
 
 import contextlib
+import json
 from unittest import mock
 
 import numpy as np
@@ -83,6 +84,37 @@ def test_image_folder_errors(tmp_path):
         sources.create_source(_cfg(dataset="imagefolder", data_dir=None))
     with pytest.raises(UsageError, match="does not exist"):
         sources.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path / "nope")))
+
+    write_folder(tmp_path / "d")
+    (tmp_path / "d" / "train" / "emu").mkdir()  # a class without images
+    (tmp_path / "d" / "train" / "emu" / "notes.txt").write_text("no image")
+    with pytest.raises(
+        UsageError, match=r"1 class folder\(s\) under .* hold no images .*\['emu'\]"
+    ):
+        sources.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path / "d")))
+
+
+def test_the_skip_list_follows_the_files_not_their_positions(tmp_path):
+    write_folder(tmp_path / "d", per_class=4, bad="2b.png")  # train/cat: 0 1 2 2b 3
+    cfg = _cfg(dataset="imagefolder", data_dir=str(tmp_path / "d"))
+    train = lambda: ip.skip_undecodable(sources.create_source(cfg), tmp_path).train
+    names = lambda split: sorted(split.describe(0, k).split("/d/")[1] for k in split.epoch(0, 0, 0))
+    good = [f"train/{c}/{i}.png" for c in ("cat", "dog") for i in range(4)]
+    assert names(train()) == good
+    # The bad image removed: nothing else is left out (indices of the old list would drop
+    # train/cat/3.png, which took its place).
+    (tmp_path / "d" / "train" / "cat" / "2b.png").unlink()
+    assert names(train()) == good
+    # A bad image added: found and left out (the old list would not know it).
+    (tmp_path / "d" / "train" / "dog" / "0a.png").write_bytes(b"broken")
+    assert names(train()) == good
+    cached = json.loads((tmp_path / "undecodable.json").read_text())
+    assert cached["train_names"] == [str(tmp_path / "d" / "train" / "dog" / "0a.png")]
+    # Replaced by a good image of the same name: its size differs, so it is found again.
+    (tmp_path / "d" / "train" / "dog" / "0a.png").write_bytes(
+        (tmp_path / "d" / "train" / "dog" / "0.png").read_bytes()
+    )
+    assert len(names(train())) == len(good) + 1
 
 
 def test_imagenet_not_prepared_says_where_the_tars_go(tmp_path):
