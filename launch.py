@@ -40,6 +40,13 @@ _MODE = flags.DEFINE_enum(
 _STEP = flags.DEFINE_integer(
     "step", None, "--mode=eval: the checkpoint to evaluate (default: newest)."
 )
+_ALLOW_CHANGES = flags.DEFINE_bool(
+    "allow_config_changes",
+    False,
+    "Resume a run with other settings (seed, batch, model, optimizer, augmentation) than its "
+    "checkpoint's; without it such a resume is refused. Length, cadences, paths and the mesh "
+    "may always change.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -89,12 +96,32 @@ def _dotted_keys(config, prefix: str = "") -> list[str]:
     return keys
 
 
+class ConfigFileError(Exception):
+    """A --config file that cannot give a config; the message names the file and the fault."""
+
+
 def _load_config(path: str):
-    """get_config() of a --config file, before absl parses the flags."""
-    spec = importlib.util.spec_from_file_location("_launch_config", path.split(":")[0])
+    """get_config() (or get_config(ARG) for FILE:ARG) of a --config file, before absl parses
+    the flags; a ConfigFileError naming the file when that fails."""
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_launch_config", file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigFileError(f"--config={file}: line {e.lineno}: {e.msg}") from None
+    except Exception as e:
+        raise ConfigFileError(f"--config={file} failed to load: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigFileError(
+            f"--config={file} defines no get_config(): a config file is a Python module whose "
+            "get_config() returns an ml_collections.ConfigDict (see configs/digits.py)."
+        )
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception as e:
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigFileError(f"--config={path}: {call} raised {type(e).__name__}: {e}") from None
 
 
 def usage(argv: list[str]) -> str:
@@ -106,7 +133,11 @@ def usage(argv: list[str]) -> str:
         return text + "\nWith --config=FILE, --help also lists that config's fields.\n"
     from alexnet_jax import config_doc
 
-    fields = config_doc.describe(_load_config(path), Path(path.split(":")[0]))
+    try:
+        config = _load_config(path)
+    except ConfigFileError as e:
+        return f"{text}\n{e}\n"
+    fields = config_doc.describe(config, Path(path.split(":")[0]))
     return f"{text}\nConfig fields of {path} (override any with --config.KEY=VALUE):\n{fields}\n"
 
 
@@ -117,7 +148,10 @@ def check_overrides(argv: list[str]) -> str | None:
         return None  # absl reports the missing --config itself
     if not os.path.isfile(path.split(":")[0]):
         return f"--config={path}: no such file (the configs are in {HERE / 'configs'})"
-    known = _dotted_keys(_load_config(path))
+    try:
+        known = _dotted_keys(_load_config(path))
+    except ConfigFileError as e:
+        return str(e)
     for arg in argv:
         if arg.startswith("--config."):
             key = arg[len("--config.") :].split("=", 1)[0]
@@ -128,18 +162,13 @@ def check_overrides(argv: list[str]) -> str | None:
     return None
 
 
-class _QuietLibraries:
-    """Drop INFO records of Orbax (a dozen per checkpoint) from the console; keep warnings."""
-
-    def filter(self, record) -> bool:
-        return record.levelno > 20 or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
     from alexnet_jax import UsageError, backend
+    from alexnet_jax.errors import quiet_libraries
+
+    quiet_libraries()
 
     # Before anything starts a backend: XLA reads its flags once.
     backend.prepare_backend()
@@ -160,7 +189,7 @@ def main(argv: list[str]) -> None:
                 "--step selects the checkpoint of --mode=eval; training resumes from the newest."
             )
         else:
-            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CHANGES.value)
     except UsageError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -97,6 +97,8 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
         )
+        self._saving: int | None = None  # the step of the save in flight
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -155,6 +157,15 @@ class Checkpointer:
                 step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
             ),
         )["data"]
+
+    def config(self, step: int) -> dict:
+        """The config saved at `step`, as a dict (what the run that wrote it was told)."""
+        return self._read(
+            step,
+            lambda: self.manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            ),
+        )["config"]
 
     def mean_image(self, step: int) -> np.ndarray | None:
         """The input's mean image saved at `step`, where the run used one."""
@@ -234,12 +245,55 @@ class Checkpointer:
         }
         if mean_image is not None:
             items["mean_image"] = ocp.args.StandardSave({"mean_image": mean_image})
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        self.wait()  # as Orbax's save does first; a failure of the previous save is named as its
+        self._guard(lambda: self.manager.save(step, args=ocp.args.Composite(**items)), step)
+        self._saving = step
+
+    def check(self) -> None:
+        """Raise SaveFailed if a save running in the background has failed (cheap)."""
+        self._guard(self.manager.check_for_errors)
 
     def wait(self) -> None:
         """Until the saves begun are on disk."""
-        self.manager.wait_until_finished()
+        self._guard(self.manager.wait_until_finished)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        if self._failed:  # already reported; the rest of Orbax's work has nowhere to go
+            return
+        self.wait()
         self.manager.close()
+
+    def intact_steps(self) -> list[int]:
+        """The steps whose saves finished (renamed from their temporary names), on disk."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+    def _guard(self, call: Callable[[], Any], step: int | None = None) -> None:
+        try:
+            call()
+        except Exception as e:  # Orbax/TensorStore wrap OS errors in many types
+            self._failed = True
+            step = self._saving if step is None else step
+            raise SaveFailed(self._failure(step, e)) from None
+
+    def _failure(self, step: int | None, e: Exception) -> str:
+        text = str(e)
+        first = (text.splitlines() or [""])[0]
+        full = "No space left on device" in text or "os_error_code='28'" in text
+        why = (
+            f"the disk holding it is full (check with `df -h {self.directory}`)"
+            if full
+            else f"{type(e).__name__}: {first[:300]}"
+        )
+        intact = self.intact_steps()
+        newest = f"step {intact[-1]}" if intact else "none"
+        return (
+            f"Saving the checkpoint of step {step} in {self.directory} failed: {why}. The run "
+            f"stopped. The newest intact checkpoint is {newest}; free space (or fix "
+            "the directory) and run the same command to resume from it."
+        )
+
+
+class SaveFailed(UsageError):
+    """A checkpoint could not be written (a full disk, lost permissions, ...)."""

@@ -115,6 +115,31 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def writable_dir(directory: epath.Path, flag: str = "--workdir") -> None:
+    """Create `directory` and write a probe file in it, or raise one line saying why not: a
+    run checks this before computing anything it would then fail to write."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _probe(directory)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(
+            f"{flag}={directory} is a file (or has one in its path), not a directory: choose "
+            "another path."
+        ) from None
+    except OSError as e:
+        raise UsageError(
+            f"{flag}={directory} cannot be written ({e.strerror or type(e).__name__}): a run "
+            "writes its checkpoints and metrics there. Choose a directory you can write, or "
+            "fix its permissions."
+        ) from None
+
+
+def _probe(directory: epath.Path) -> None:
+    probe = directory / f".write_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    probe.write_text("")
+    probe.unlink()
+
+
 def check_same_workdir(workdir: epath.Path) -> None:
     """Refuse a run whose processes do not share `workdir` (each would write its own part of
     every checkpoint): process 0 writes a token there, and every process must read it."""

@@ -164,6 +164,8 @@ class Optimizer:
         `total_steps` the run's length ('poly' and 'cosine' decay over it) and
         `steps_per_epoch` its epochs' (for warmup_epochs); None: unknown, for uses that take
         no step."""
+        if o["learning_rate"] <= 0:  # named as set, before the batch scaling changes it
+            raise UsageError(f"optimizer.learning_rate={o['learning_rate']} must be positive.")
         lr = scaled_learning_rate(o["learning_rate"], batch_size, o["base_batch_size"])
         # Configs saved before LARS existed meant the paper's SGD.
         name, trust = o.get("name", "sgd"), o.get("trust_coefficient", 0.001)

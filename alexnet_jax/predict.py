@@ -39,8 +39,11 @@ def read_image(path: str):
 def classify(workdir: str, paths: Sequence[str], top: int, step: int | None = None) -> list[dict]:
     """{'image': path, 'top': [{'class', 'index', 'probability'}, ...]} per path, or
     {'image': path, 'error': why} for a file that could not be read."""
+    from alexnet_jax.errors import UsageError
     from alexnet_jax.inference import load_checkpoint
 
+    if top < 1:
+        raise UsageError(f"--top={top}: list at least 1 class per image.")
     run = load_checkpoint(workdir, step)
     results = []
     for path in paths:
@@ -67,7 +70,9 @@ def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not FLAGS.workdir or not paths:
         raise app.UsageError("give --workdir=DIR and at least one image file")
-    from alexnet_jax.errors import UsageError
+    from alexnet_jax.errors import UsageError, quiet_libraries
+
+    quiet_libraries()  # so that the lines about the images are what the console shows
 
     try:
         results = classify(FLAGS.workdir, paths, FLAGS.top, FLAGS.step)

@@ -4,6 +4,7 @@ stop), and --mode=eval. The jitted pieces it runs are in steps.py."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -82,6 +83,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
     profile_window(config)
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         need(config[key] > 0, f"{key}={config[key]} must be positive.")
+    need(
+        config.keep_checkpoints > 0,
+        f"keep_checkpoints={config.keep_checkpoints} would keep no checkpoint, so a stopped run "
+        "could not resume: keep at least 1 (the newest).",
+    )
     parallel.check_mesh(
         config.mesh.data,
         config.mesh.model,
@@ -138,14 +144,9 @@ def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
     return config.num_epochs * train_size // config.batch_size
 
 
-def create_source(
-    config: ml_collections.ConfigDict, workdir: epath.Path | None = None, write: bool = True
-) -> sources.Source:
-    """The config's data, refused when its classes do not match the model's; without its
-    undecodable images under input.skip_corrupt (the list cached in workdir)."""
+def open_source(config: ml_collections.ConfigDict) -> sources.Source:
+    """The config's data, refused when its classes do not match the model's; writes nothing."""
     source = sources.create_source(config.input, jax.process_count())
-    if config.input.get("skip_corrupt"):
-        source = input_pipeline.skip_undecodable(source, workdir, write and _is_first())
     if source.num_classes != config.model.num_classes:
         raise UsageError(
             f"input.dataset={config.input.dataset!r} has {source.num_classes} classes but "
@@ -153,6 +154,19 @@ def create_source(
             f"{source.num_classes}."
         )
     return source
+
+
+def skip_corrupt(
+    config: ml_collections.ConfigDict,
+    source: sources.Source,
+    workdir: epath.Path | None,
+    write: bool = True,
+) -> sources.Source:
+    """`source` without its undecodable images under input.skip_corrupt (the list cached in
+    workdir), else `source`."""
+    if not config.input.get("skip_corrupt"):
+        return source
+    return input_pipeline.skip_undecodable(source, workdir, write and _is_first())
 
 
 def _is_first() -> bool:
@@ -210,11 +224,13 @@ def evaluate_checkpoint(
             ckpt.close()
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
+    if _is_first():  # before computing what it would then fail to write
+        lifecycle.writable_dir(workdir / EVAL_MODE_DIR)
     config = config.copy_and_resolve_references()
     config.model = saved.config.model  # what was trained, whatever --config says
     check_config(config, jax.device_count(), jax.process_count())
     lifecycle.check_same_workdir(workdir)
-    source = create_source(config, workdir, write=False)
+    source = skip_corrupt(config, open_source(config), workdir, write=False)
     trainer = Trainer(config, mesh)
     params = jax.device_put(saved.state["params"], trainer.shardings.params)
     state = trainer.abstract_state.replace(params=params)  # evaluation reads only the params
@@ -244,6 +260,70 @@ def checkpoint_stats(
     return dataclasses.replace(saved, mean_image=ckpt.mean_image(step))
 
 
+# Fields a resumed run may change: how long it runs, how often it reports, where the data and
+# the devices are, how fast the same computation runs. Any other change (seed, batch, model,
+# optimizer, augmentation) makes the rest of the run another one: refused unless asked for.
+FREE_ON_RESUME = (
+    "num_train_steps",
+    "num_epochs",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "profile_steps",
+    "per_device_batch_size",  # batch_size, which it sets, is compared
+    "mesh.",
+    "model.fast_ops",
+    "input.data_dir",
+    "input.manual_dir",
+    "input.stage_dir",
+    "input.loader",
+    "input.skip_corrupt",
+    "input.normalize_on_device",
+    "input.eval_ten_crop",
+    "input.stats_max_images",  # a resumed run keeps its checkpoint's statistics
+    "input.shuffle_buffer",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, this run's value) for every field that differs. Fields the saved
+    config lacks (it predates them) are not changes."""
+    now = _flat(json.loads(json.dumps(config.to_dict())))  # tuples as the saved JSON has them
+    old = _flat(saved)
+    return [(k, old[k], now[k]) for k in sorted(now) if k in old and old[k] != now[k]]
+
+
+def check_resume(
+    saved: dict, config: ml_collections.ConfigDict, step: int, workdir: epath.Path, allow: bool
+) -> None:
+    """Log the fields changed since the checkpoint at `step`; refuse (UsageError) the ones
+    outside FREE_ON_RESUME unless `allow`, or nothing has been trained (step 0: converted
+    weights)."""
+    changes = config_changes(saved, config)
+    describe = lambda cs: ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in cs)
+    other = [c for c in changes if not c[0].startswith(FREE_ON_RESUME)]
+    if other and step > 0 and not allow:
+        raise UsageError(
+            f"{workdir} was trained to step {step} with other settings: {describe(other)}. "
+            "Resuming with these would make the rest another run. Use the settings it was "
+            "trained with (its checkpoint's config), a new --workdir, or pass "
+            "--allow_config_changes to resume with them. Nothing was changed."
+        )
+    if changes:
+        logging.warning("resuming step %d with changed settings: %s", step, describe(changes))
+
+
 def stop_if_diverged(loss_sum: jax.Array, step: int, ckpt: checkpoint.Checkpointer) -> None:
     """The sum covers every step since the last log line, so one NaN anywhere shows here."""
     if not jnp.isfinite(loss_sum):
@@ -256,31 +336,40 @@ def stop_if_diverged(loss_sum: jax.Array, step: int, ckpt: checkpoint.Checkpoint
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    allow_config_changes: bool = False,
 ) -> dict[str, float]:
     """Train (resuming from workdir's newest checkpoint) and return the final eval metrics.
-    The run holds its workdir (lifecycle.WorkdirLock) and stops cleanly on SIGTERM/SIGINT."""
+    The run holds its workdir (lifecycle.WorkdirLock) and stops cleanly on SIGTERM/SIGINT. A
+    resume with other settings than the checkpoint's is refused (`check_resume`) unless
+    `allow_config_changes`."""
     config = resolve_batch_size(config, jax.device_count())
     check_config(config, jax.device_count(), jax.process_count())
+    source = open_source(config)  # a missing dataset is refused before the workdir is made
     workdir = lifecycle.workdir_path(workdir)  # gs://... stays a URL
-    workdir.mkdir(parents=True, exist_ok=True)
+    lifecycle.writable_dir(workdir)
     lock = lifecycle.lock_workdir(workdir)
     try:
         with lifecycle.StopOnSignal() as stop:
-            return _train_and_evaluate(config, workdir, stop)
+            return _train_and_evaluate(config, workdir, source, stop, allow_config_changes)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: epath.Path, stop: lifecycle.StopOnSignal
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    source: sources.Source,
+    stop: lifecycle.StopOnSignal,
+    allow_config_changes: bool,
 ) -> dict[str, float]:
     # Check everything, then restore (which refuses a checkpoint this run cannot resume),
     # before anything is written.
     lifecycle.check_same_workdir(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
-    source = create_source(config, workdir)
+    source = skip_corrupt(config, source, workdir)
     trainer = Trainer(
         config,
         mesh,
@@ -288,12 +377,16 @@ def _train_and_evaluate(
         steps_per_epoch=source.train.size / config.batch_size,
     )
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+    last = ckpt.latest_step()
+    if last is not None:  # a damaged config is refused here as by --mode=eval and predict
+        ckpt.check_compatible(trainer.abstract_state, optimizer_name(config))  # names arrays
+        check_resume(ckpt.config(last), config, last, workdir, allow_config_changes)
     restored = ckpt.restore(trainer.abstract_state, optimizer_name(config))
     run = _Run(config, workdir, trainer, source, ckpt, restored)
     state = run.initial_state(restored)
     batches, consts = run.train_batches(), trainer.input_constants(run.preprocess)
     in_flight = InFlight(backend.dispatch_depth(jax.default_backend()))
-    sums = trainer.zero_sums()  # summed on the devices over the steps since the last log line
+    sums = run.initial_sums()  # summed on the devices over the steps since the last log line
     try:
         if run.pending_eval or run.start >= run.total:
             state = run.evaluate_first(state)
@@ -306,9 +399,10 @@ def _train_and_evaluate(
             if saving or logging_now:
                 stop_if_diverged(sums["loss"], step, ckpt)
             if logging_now:
+                ckpt.check()  # a save that failed in the background stops the run here
                 sums = run.log(step, sums)
             if saving:
-                run.save(step, state, evaluated=False)
+                run.save(step, state, sums, evaluated=False)
             if run.is_eval_step(step):
                 state = run.evaluate(state, step)
             if stop.should_stop(step) and step < run.total:
@@ -415,6 +509,17 @@ class _Run:
         logging.info("AlexNet (%s):\n%s", self.config.model.variant, table)
         return state
 
+    def initial_sums(self) -> dict:
+        """The running sums of the interval the checkpoint was saved in, so that the first
+        train line after a resume is the one an uninterrupted run writes (zero at a log step,
+        and in checkpoints that predate them)."""
+        sums = self.trainer.zero_sums()
+        saved = self.ckpt.data(self.start).get("train_sums") if self.start > 0 else None
+        if saved:
+            put = lambda v: jax.device_put(jnp.float32(v), sums["loss"].sharding)
+            sums = {k: put(saved[k]) for k in sums}
+        return sums
+
     def train_batches(self) -> Iterator[dict]:
         """The train stream from the run's position, copied to the devices ahead of the loop;
         the first log interval starts here."""
@@ -463,8 +568,10 @@ class _Run:
         self.t_log, self.last_log, self.waited = now, step, 0.0
         return self.trainer.zero_sums()
 
-    def save(self, step: int, state: TrainState, evaluated: bool) -> None:
-        data = {**self.data_meta, "evaluated": evaluated}
+    def save(self, step: int, state: TrainState, sums: dict, evaluated: bool) -> None:
+        # The float32 sums as Python floats: JSON keeps them exactly.
+        train_sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+        data = {**self.data_meta, "evaluated": evaluated, "train_sums": train_sums}
         self.ckpt.save(step, state, self.config, data, self.stats.mean_image)
 
     def evaluate(self, state: TrainState, step: int) -> TrainState:
@@ -492,7 +599,7 @@ class _Run:
         save is on disk, and say how to resume."""
         if not saved:
             stop_if_diverged(sums["loss"], step, self.ckpt)
-            self.save(step, state, evaluated=self.is_eval_step(step))
+            self.save(step, state, sums, evaluated=self.is_eval_step(step))
         self.ckpt.wait()
         message = (
             f"stopped at step {step} of {self.total} ({signal}); its checkpoint is saved. Run "

@@ -83,6 +83,78 @@ def test_a_mismatched_checkpoint_is_refused_and_kept(tiny, tmp_path):
     assert _files(tmp_path) == before
 
 
+def test_a_resume_with_other_settings_is_refused_naming_them_unless_allowed(
+    trained_on_4x2, tmp_path, caplog
+):
+    config, workdir = trained_on_4x2
+    shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+    before = _files(tmp_path)
+    changed = config.copy_and_resolve_references()
+    changed.batch_size, changed.optimizer.momentum = 32, 0.5
+    changed.log_every_steps = 3  # free to change: not named in the refusal
+    match = (
+        r"trained to step 4 with other settings: batch_size 16 -> 32, optimizer.momentum "
+        r"0.9 -> 0.5\. .*--allow_config_changes"
+    )
+    with pytest.raises(UsageError, match=match):
+        train.train_and_evaluate(changed, str(tmp_path))
+    assert _files(tmp_path) == before
+    # Asked for: resumed (here only evaluated: step 4 is its last), the changes logged.
+    metrics = train.train_and_evaluate(changed, str(tmp_path), allow_config_changes=True)
+    assert metrics["eval/count"] == 360
+    assert "changed settings: batch_size 16 -> 32, log_every_steps" in caplog.text
+
+
+# Orbax's async reader leaves un-awaited coroutines behind when the data is garbage.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_config_is_refused_alike_by_training_eval_and_predict(trained_on_4x2, tmp_path):
+    config, workdir = trained_on_4x2
+    shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "4" / "config" / "metadata").write_text("")
+    message = r"The checkpoint at step 4 in .* could not be read .*move .*4 out of"
+    for use in (
+        lambda: train.train_and_evaluate(config, str(tmp_path)),
+        lambda: train.evaluate_checkpoint(config, str(tmp_path)),
+        lambda: load_checkpoint(str(tmp_path)),
+    ):
+        with pytest.raises(UsageError, match=message):
+            use()
+    assert (tmp_path / "checkpoints" / "4" / "config" / "metadata").exists()
+
+
+def test_a_failed_save_stops_the_run_in_one_line_naming_the_newest_intact_step(
+    tiny, tmp_path, monkeypatch
+):
+    import orbax.checkpoint as ocp
+
+    save = ocp.CheckpointManager.save
+    full = "RESOURCE_EXHAUSTED: Failed writing: No space left on device [os_error_code='28']"
+
+    def disk_full_at_8(self, step, *args, **kwargs):
+        if step == 8:
+            raise ValueError(full)
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_at_8)
+    match = (
+        r"^Saving the checkpoint of step 8 in .*checkpoints failed: the disk holding it is "
+        r"full \(check with `df -h .*`\)\. The run stopped\. The newest intact checkpoint is "
+        r"step 4; .*run the same command to resume from it\.$"
+    )
+    config = tiny(num_train_steps=12)
+    with pytest.raises(checkpoint.SaveFailed, match=match):
+        train.train_and_evaluate(config, str(tmp_path))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in lines) == 8  # stopped at the failed save, not trained on
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    assert (
+        checkpoint.Checkpointer(str(tmp_path))
+        .restore(steps.Trainer(config, parallel.create_mesh(1, 1)).abstract_state)
+        .step
+        == 4
+    )
+
+
 def _layout_1_state(trainer):
     """A train state as alexnet_jax wrote it before the learning rate was set by name: the
     optimizer was a chain whose second element held the rate as `step_size`."""

@@ -92,6 +92,9 @@ def test_predict_classifies_files_and_names_the_bad_ones(trained_on_4x2, tmp_pat
     )
     assert top[0]["probability"] == pytest.approx(float(want.max()), rel=1e-5)
     assert [t["probability"] for t in top] == sorted((t["probability"] for t in top), reverse=True)
+    for bad in (0, -1):  # -1 listed 9 of 10 classes, 0 none
+        with pytest.raises(UsageError, match=f"--top={bad}: list at least 1 class"):
+            predict.classify(str(workdir), asked, top=bad)
 
 
 @pytest.mark.slow  # a subprocess
@@ -107,6 +110,7 @@ def test_the_predict_command(trained_on_4x2, tmp_path):
     )
     assert r.returncode == 1  # one file was missing
     assert f"predict: {tmp_path / 'missing.png'}: no such file" in r.stderr
+    assert "orbax" not in r.stderr  # the line about the file is not buried in Orbax's logs
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert len(lines) == 2 and len(lines[0]["top"]) == 5 and "error" in lines[1]
     r = subprocess.run([*cmd[:-1], str(paths[1])], capture_output=True, text=True)

@@ -73,6 +73,19 @@ def test_a_missing_config_file_is_one_line(tmp_path):
     )
 
 
+def test_a_config_file_that_gives_no_config_is_one_line_naming_it(tmp_path):
+    faults = {
+        "nogetter.py": ("x = 1\n", "defines no get_config()"),
+        "syntax.py": ("def get_config(:\n", "line 1: "),
+        "raises.py": ("def get_config():\n    return 1 / 0\n", "get_config() raised Zero"),
+    }
+    for name, (text, message) in faults.items():
+        (tmp_path / name).write_text(text)
+        r = launch(tmp_path / "w", "--config.seed=1", config=str(tmp_path / name))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"launch.py: error: --config={tmp_path / name}" in r.stderr and message in r.stderr
+
+
 def test_imagenet_not_prepared_is_a_clear_error(tmp_path):
     r = launch(
         tmp_path / "w", f"--config.input.data_dir={tmp_path / 'tfds'}", config="configs/alexnet.py"
@@ -83,6 +96,7 @@ def test_imagenet_not_prepared_is_a_clear_error(tmp_path):
     assert "python -m alexnet_jax.prepare_imagenet" in r.stderr
 
 
+@pytest.mark.slow  # two launches; test_train.py's stop and resume runs in-process
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     args = tiny_flags(
         num_train_steps=40, checkpoint_every_steps=5, log_every_steps=5, eval_every_steps=20

@@ -36,6 +36,37 @@ def test_a_second_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
         pass
 
 
+def test_a_workdir_that_is_a_file_is_one_line_and_stays_as_it_was(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("kept")
+    for workdir in (path, path / "run"):
+        with pytest.raises(UsageError, match=r"notes.txt(/run)? is a file \(or has one in its"):
+            train.train_and_evaluate(tiny_config(), str(workdir))
+    assert path.read_text() == "kept"
+
+
+def _unwritable(monkeypatch) -> None:
+    """Writes to a workdir fail as on a read-only mount (root, running the tests in CI, may
+    write through file permissions)."""
+
+    def probe(directory):
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(lifecycle, "_probe", probe)
+
+
+def test_a_read_only_workdir_is_one_line_before_any_work(tmp_path, monkeypatch, trained_on_4x2):
+    _unwritable(monkeypatch)
+    with pytest.raises(UsageError, match=r"cannot be written \(Permission denied\)"):
+        train.train_and_evaluate(tiny_config(), str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # no lock, no checkpoints
+    # --mode=eval on a read-only workdir stops before evaluating, not after.
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    config, workdir = trained_on_4x2
+    with pytest.raises(UsageError, match=r"eval_mode cannot be written \(Permission denied\)"):
+        train.evaluate_checkpoint(config, str(workdir))
+
+
 def test_a_workdir_without_os_locks_holds_a_lock_object_with_a_heartbeat(tmp_path, monkeypatch):
     from etils import epath
     from etils.epath import gpath

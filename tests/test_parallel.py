@@ -140,6 +140,34 @@ def test_top_k_error_matches_numpy(mesh_model):
     np.testing.assert_allclose(nll, want_nll, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_model", [1, 2])
+def test_the_sharded_sums_put_the_top5_boundary_after_the_5th_class(mesh_model):
+    """Labels ranked exactly 5th (a top-5 hit) and 6th (an error), summed over a (data, model)
+    mesh as evaluation sums them, with a padded row that counts for nothing."""
+    ranks = np.array([0, 1, 4, 5, 4, 5, 9, 3])  # how many classes beat each label
+    weights = np.array([1, 1, 1, 1, 1, 1, 0, 1], np.float32)
+    labels = np.arange(8, dtype=np.int32)
+    logits = np.zeros((8, 10), np.float32)
+    for i, label in enumerate(labels):
+        others = [c for c in range(10) if c != label]
+        logits[i, others] = 10.0 - np.arange(9)  # 10, 9, ..., 2
+        logits[i, label] = 10.5 - ranks[i]  # just below the ranks[i]-th of them
+    split = mesh_model > 1
+    mesh = parallel.create_mesh(8 // mesh_model, mesh_model)
+
+    def local(lg, lb, w):
+        return parallel._sums(*parallel.example_stats(lg, lb, split), w, 1)
+
+    spec = P(parallel.DATA, parallel.MODEL) if split else P(parallel.DATA)
+    f = jax.shard_map(
+        local, mesh=mesh, in_specs=(spec, P(parallel.DATA), P(parallel.DATA)), out_specs=P()
+    )
+    sums = jax.device_get(jax.jit(f)(logits, labels, weights))
+    assert sums["count"] == 7
+    assert sums["top1_errors"] == 6  # every weighted rank but 0
+    assert sums["top5_errors"] == 2  # the two 6th places; the 5th places are hits
+
+
 def test_nan_logits_count_as_errors():
     logits = np.full((4, 10), np.nan, np.float32)
     mesh = parallel.create_mesh(1, 1)

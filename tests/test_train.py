@@ -33,12 +33,18 @@ from alexnet_jax import UsageError, train
         ({"profile_steps": "5"}, r"profile_steps='5': give 'N,M' with 0 < N < M"),
         ({"profile_steps": "4,2"}, r"profile_steps='4,2': give 'N,M'"),
         ({"eval_every_steps": 0}, "eval_every_steps=0 must be positive"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints=0 would keep no checkpoint"),
+        ({"keep_checkpoints": -1}, "keep_checkpoints=-1 would keep no checkpoint"),
+        # Named as set, not after the linear scaling rule (tiny's batch is not the base's).
+        ({"optimizer.learning_rate": -0.01}, "^optimizer.learning_rate=-0.01 must be positive"),
+        ({"input.dataset": "imagefolder", "input.data_dir": "/nonexistent"}, "does not exist"),
     ],
 )
 def test_bad_config_is_refused_before_compiling(tiny, overrides, message, tmp_path):
+    workdir = tmp_path / "run"
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.train_and_evaluate(tiny(**overrides), str(tmp_path))
-    assert not (tmp_path / "checkpoints").exists()
+        train.train_and_evaluate(tiny(**overrides), str(workdir))
+    assert not workdir.exists()  # nothing written: no workdir, no run.lock
 
 
 def test_wrong_num_classes_for_the_data(tiny, tmp_path):
@@ -110,6 +116,59 @@ def test_the_loop_compiles_its_step_once_and_logs_its_input_wait(tiny, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     waits = [x["train/data_wait_fraction"] for x in lines if "train/loss" in x]
     assert len(waits) == 2 and all(0.0 <= w <= 1.0 for w in waits)
+
+
+def test_a_failed_evaluation_and_a_sigterm_cost_nothing_and_the_resume_is_exact(
+    tiny, tmp_path, monkeypatch
+):
+    """Step 4's evaluation fails after its checkpoint; the resumed run evaluates step 4
+    first, then a SIGTERM during step 7 saves step 7 (not a log step: the train sums of steps
+    7 travel with it); the last resume ends where an uninterrupted run ends, metrics.jsonl
+    and plateau state included."""
+    import os
+    import signal
+
+    from alexnet_jax import checkpoint, lifecycle
+
+    config = tiny(log_every_steps=2, **{"optimizer.schedule": "plateau"})
+    broken, whole = tmp_path / "broken", tmp_path / "whole"
+    train.train_and_evaluate(config, str(whole))
+
+    real = train.evaluate
+
+    def fails_at_4(trainer, state, step, *args, **kwargs):
+        if step == 4:
+            raise UsageError("an evaluation that failed")
+        return real(trainer, state, step, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", fails_at_4)
+    with pytest.raises(UsageError, match="an evaluation that failed"):
+        train.train_and_evaluate(config, str(broken))
+    ckpt = checkpoint.Checkpointer(str(broken), read_only=True)
+    assert ckpt.latest_step() == 4 and not ckpt.evaluated(4)
+    monkeypatch.setattr(train, "evaluate", real)
+
+    should_stop = lifecycle.StopOnSignal.should_stop
+
+    def sigterm_in_step_7(self, step):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # the run's own handler receives it
+        return should_stop(self, step)
+
+    monkeypatch.setattr(lifecycle.StopOnSignal, "should_stop", sigterm_in_step_7)
+    train.train_and_evaluate(config, str(broken))
+    assert checkpoint.Checkpointer(str(broken), read_only=True).latest_step() == 7
+    monkeypatch.setattr(lifecycle.StopOnSignal, "should_stop", should_stop)
+    train.train_and_evaluate(config, str(broken))
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    a, b = (checkpoint.Checkpointer(str(w), read_only=True).read(8, one) for w in (broken, whole))
+    assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(b.state["plateau"]))
+    jax.tree.map(np.testing.assert_array_equal, a.state, b.state)
+    lines = lambda w: [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda m: {k: v for k, v in m.items() if "per_sec" not in k and "wait" not in k}
+    assert len(lines(whole)) == 6  # train lines at 2, 4, 6, 8; eval lines at 4, 8
+    assert [strip(m) for m in lines(broken)] == [strip(m) for m in lines(whole)]
 
 
 @pytest.mark.slow  # three short runs
