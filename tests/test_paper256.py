@@ -180,11 +180,11 @@ def _workers(parent: int) -> list[int]:
     ]
 
 
-@pytest.mark.slow  # two preparations started and stopped, each spawning its workers
+@pytest.mark.slow  # three preparations started and stopped, each spawning its workers
 def test_stopping_the_preparation_stops_its_workers(tmp_path):
-    """SIGTERM: one line, exit 143, workers stopped. SIGKILL: the workers exit by themselves
-    (they would otherwise write shards beside the next run's). Their input never comes: the
-    tar is a FIFO nobody writes."""
+    """Ctrl-C or SIGTERM: one line, exit 130 or 143, workers stopped. SIGKILL: the workers
+    exit by themselves (they would otherwise write shards beside the next run's). Their input
+    never comes: the tar is a FIFO nobody writes."""
     fifo = tmp_path / "tar"
     os.mkfifo(fifo)
     script = f"""
@@ -197,7 +197,7 @@ try:
 except paper256.Stopped as e:
     print(e.args[1]); sys.exit(e.exit_status)
 """
-    for kill in (signal.SIGTERM, signal.SIGKILL):
+    for kill in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         proc = subprocess.Popen(
             [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -208,9 +208,9 @@ except paper256.Stopped as e:
         workers = _workers(proc.pid)
         proc.send_signal(kill)
         out = proc.communicate(timeout=30)[0].decode()
-        if kill == signal.SIGTERM:
-            assert proc.returncode == 143, out
-            assert "stopped (SIGTERM): 0 of 2 shards are written and kept in" in out, out
+        if kill != signal.SIGKILL:  # Ctrl-C or SIGTERM: one line, 128 + the signal
+            assert proc.returncode == 128 + kill, out
+            assert f"stopped ({kill.name}): 0 of 2 shards are written and kept in" in out, out
             assert "Traceback" not in out
         deadline = time.time() + 10
         while any(_state(p)[0] != "gone" for p in workers):
