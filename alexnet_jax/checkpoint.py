@@ -1,9 +1,11 @@
 """Orbax checkpoints in workdir/checkpoints: the train state with the config and what predict
-needs of the data beside it; periodic saves, auto-resume, and reads onto any devices."""
+needs of the data beside it; periodic saves (a failed one named in one line), auto-resume (of
+the same run only), and reads onto any devices."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +53,70 @@ def describe_mismatch(
                 f"{sides[1]} {b if b is not None else 'absent'}"
             )
     return lines
+
+
+# Fields a resumed run may change: how long it runs, how often it reports, where the data and
+# the devices are, how fast the same computation runs. Any other change (seed, batch, model,
+# optimizer, augmentation) makes the rest of the run another one: refused unless asked for.
+FREE_ON_RESUME = (
+    "num_train_steps",
+    "num_epochs",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "profile_steps",
+    "per_device_batch_size",  # batch_size, which it sets, is compared
+    "mesh.",
+    "model.fast_ops",
+    "input.data_dir",
+    "input.manual_dir",
+    "input.stage_dir",
+    "input.loader",
+    "input.skip_corrupt",
+    "input.normalize_on_device",
+    "input.eval_ten_crop",
+    "input.stats_max_images",  # a resumed run keeps its checkpoint's statistics
+    "input.shuffle_buffer",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, this run's value) for every field that differs. Fields the saved
+    config lacks (it predates them) are not changes."""
+    now = _flat(json.loads(json.dumps(config.to_dict())))  # tuples as the saved JSON has them
+    old = _flat(saved)
+    return [(k, old[k], now[k]) for k in sorted(now) if k in old and old[k] != now[k]]
+
+
+def check_resume(
+    saved: dict, config: ml_collections.ConfigDict, step: int, workdir: os.PathLike, allow: bool
+) -> None:
+    """Log the fields changed since the checkpoint at `step`; refuse (UsageError) the ones
+    outside FREE_ON_RESUME unless `allow`, or nothing has been trained (step 0: converted
+    weights)."""
+    changes = config_changes(saved, config)
+    describe = lambda cs: ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in cs)
+    other = [c for c in changes if not c[0].startswith(FREE_ON_RESUME)]
+    if other and step > 0 and not allow:
+        raise UsageError(
+            f"{workdir} was trained to step {step} with other settings: {describe(other)}. "
+            "Resuming with these would make the rest another run. Use the settings it was "
+            "trained with (its checkpoint's config), a new --workdir, or pass "
+            "--allow_config_changes to resume with them. Nothing was changed."
+        )
+    if changes:
+        logging.warning("resuming step %d with changed settings: %s", step, describe(changes))
 
 
 @dataclasses.dataclass

@@ -4,7 +4,6 @@ stop), and --mode=eval. The jitted pieces it runs are in steps.py."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -260,70 +259,6 @@ def checkpoint_stats(
     return dataclasses.replace(saved, mean_image=ckpt.mean_image(step))
 
 
-# Fields a resumed run may change: how long it runs, how often it reports, where the data and
-# the devices are, how fast the same computation runs. Any other change (seed, batch, model,
-# optimizer, augmentation) makes the rest of the run another one: refused unless asked for.
-FREE_ON_RESUME = (
-    "num_train_steps",
-    "num_epochs",
-    "log_every_steps",
-    "eval_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "profile_steps",
-    "per_device_batch_size",  # batch_size, which it sets, is compared
-    "mesh.",
-    "model.fast_ops",
-    "input.data_dir",
-    "input.manual_dir",
-    "input.stage_dir",
-    "input.loader",
-    "input.skip_corrupt",
-    "input.normalize_on_device",
-    "input.eval_ten_crop",
-    "input.stats_max_images",  # a resumed run keeps its checkpoint's statistics
-    "input.shuffle_buffer",
-)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def config_changes(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
-    """(field, saved value, this run's value) for every field that differs. Fields the saved
-    config lacks (it predates them) are not changes."""
-    now = _flat(json.loads(json.dumps(config.to_dict())))  # tuples as the saved JSON has them
-    old = _flat(saved)
-    return [(k, old[k], now[k]) for k in sorted(now) if k in old and old[k] != now[k]]
-
-
-def check_resume(
-    saved: dict, config: ml_collections.ConfigDict, step: int, workdir: epath.Path, allow: bool
-) -> None:
-    """Log the fields changed since the checkpoint at `step`; refuse (UsageError) the ones
-    outside FREE_ON_RESUME unless `allow`, or nothing has been trained (step 0: converted
-    weights)."""
-    changes = config_changes(saved, config)
-    describe = lambda cs: ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in cs)
-    other = [c for c in changes if not c[0].startswith(FREE_ON_RESUME)]
-    if other and step > 0 and not allow:
-        raise UsageError(
-            f"{workdir} was trained to step {step} with other settings: {describe(other)}. "
-            "Resuming with these would make the rest another run. Use the settings it was "
-            "trained with (its checkpoint's config), a new --workdir, or pass "
-            "--allow_config_changes to resume with them. Nothing was changed."
-        )
-    if changes:
-        logging.warning("resuming step %d with changed settings: %s", step, describe(changes))
-
-
 def stop_if_diverged(loss_sum: jax.Array, step: int, ckpt: checkpoint.Checkpointer) -> None:
     """The sum covers every step since the last log line, so one NaN anywhere shows here."""
     if not jnp.isfinite(loss_sum):
@@ -342,7 +277,7 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Train (resuming from workdir's newest checkpoint) and return the final eval metrics.
     The run holds its workdir (lifecycle.WorkdirLock) and stops cleanly on SIGTERM/SIGINT. A
-    resume with other settings than the checkpoint's is refused (`check_resume`) unless
+    resume with other settings than the checkpoint's is refused (`checkpoint.check_resume`) unless
     `allow_config_changes`."""
     config = resolve_batch_size(config, jax.device_count())
     check_config(config, jax.device_count(), jax.process_count())
@@ -380,7 +315,7 @@ def _train_and_evaluate(
     last = ckpt.latest_step()
     if last is not None:  # a damaged config is refused here as by --mode=eval and predict
         ckpt.check_compatible(trainer.abstract_state, optimizer_name(config))  # names arrays
-        check_resume(ckpt.config(last), config, last, workdir, allow_config_changes)
+        checkpoint.check_resume(ckpt.config(last), config, last, workdir, allow_config_changes)
     restored = ckpt.restore(trainer.abstract_state, optimizer_name(config))
     run = _Run(config, workdir, trainer, source, ckpt, restored)
     state = run.initial_state(restored)
