@@ -230,7 +230,7 @@ def main(argv: list[str]) -> None:
         jobs = [j for j in paper256.plan(root / "tars") if j.split == "train"]
         paper256.write_shard(jobs[0], str(out))  # warm-up: imports, the first shard
         start = time.perf_counter()
-        done = sum(paper256.write_shard(j, str(out)) for j in jobs[1:])
+        done = sum(paper256.write_shard(j, str(out))[0] for j in jobs[1:])
         prep = done / (time.perf_counter() - start)
         rows.append(("preparation (paper-256, Pillow)", prep))
         paper256.prepare(str(root / "data"), str(root / "tars"), processes=1)
