@@ -176,12 +176,7 @@ class Checkpointer:
         step = self.latest_step()
         if step is None:
             return
-        data = self._read(
-            step,
-            lambda: self.manager.restore(
-                step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
-            ),
-        )["data"]
+        data = self.data(step)
         layout = data.get("state_layout", 1)
         if layout != STATE_LAYOUT:
             changes = "; ".join(LAYOUT_CHANGES[v] for v in range(layout + 1, STATE_LAYOUT + 1))
@@ -217,21 +212,15 @@ class Checkpointer:
 
     def data(self, step: int) -> dict:
         """The record saved beside the state at `step`: class names, input statistics..."""
-        return self._read(
-            step,
-            lambda: self.manager.restore(
-                step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
-            ),
-        )["data"]
+        return self._json(step, "data")
 
     def config(self, step: int) -> dict:
         """The config saved at `step`, as a dict (what the run that wrote it was told)."""
-        return self._read(
-            step,
-            lambda: self.manager.restore(
-                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-            ),
-        )["config"]
+        return self._json(step, "config")
+
+    def _json(self, step: int, item: str) -> dict:
+        args = ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+        return self._read(step, lambda: self.manager.restore(step, args=args))[item]
 
     def mean_image(self, step: int) -> np.ndarray | None:
         """The input's mean image saved at `step`, where the run used one."""
