@@ -235,13 +235,23 @@ class Checkpointer:
         written before the loop saved ahead of evaluating did)."""
         return self.data(step).get("evaluated", True)
 
-    def restore(self, abstract_state: Any, optimizer: str | None = None) -> Any | None:
+    def restore(
+        self,
+        abstract_state: Any,
+        optimizer: str | None = None,
+        config: ml_collections.ConfigDict | None = None,
+        allow_changes: bool = False,
+    ) -> Any | None:
         """The newest state, laid out as `abstract_state` (ShapeDtypeStructs with shardings),
-        if `optimizer` (a name; None: not checked) wrote it."""
+        if `optimizer` (a name; None: not checked) wrote it and, given this run's `config`,
+        if it is the same run (`check_resume`; a damaged saved config is refused here, as
+        `read` refuses it)."""
         step = self.latest_step()
         if step is None:
             return None
         self.check_compatible(abstract_state, optimizer)
+        if config is not None:
+            check_resume(self.config(step), config, step, self.directory.parent, allow_changes)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         return self._read(step, lambda: self.manager.restore(step, args=args))["state"]
 

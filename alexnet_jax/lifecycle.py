@@ -115,7 +115,7 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
-def writable_dir(directory: epath.Path, flag: str = "--workdir") -> None:
+def writable_dir(directory: epath.Path) -> None:
     """Create `directory` and write a probe file in it, or raise one line saying why not: a
     run checks this before computing anything it would then fail to write."""
     try:
@@ -123,12 +123,12 @@ def writable_dir(directory: epath.Path, flag: str = "--workdir") -> None:
         _probe(directory)
     except (FileExistsError, NotADirectoryError):
         raise UsageError(
-            f"{flag}={directory} is a file (or has one in its path), not a directory: choose "
+            f"--workdir={directory} is a file (or has one in its path), not a directory: choose "
             "another path."
         ) from None
     except OSError as e:
         raise UsageError(
-            f"{flag}={directory} cannot be written ({e.strerror or type(e).__name__}): a run "
+            f"--workdir={directory} cannot be written ({e.strerror or type(e).__name__}): a run "
             "writes its checkpoints and metrics there. Choose a directory you can write, or "
             "fix its permissions."
         ) from None

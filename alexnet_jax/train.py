@@ -312,11 +312,9 @@ def _train_and_evaluate(
         steps_per_epoch=source.train.size / config.batch_size,
     )
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    last = ckpt.latest_step()
-    if last is not None:  # a damaged config is refused here as by --mode=eval and predict
-        ckpt.check_compatible(trainer.abstract_state, optimizer_name(config))  # names arrays
-        checkpoint.check_resume(ckpt.config(last), config, last, workdir, allow_config_changes)
-    restored = ckpt.restore(trainer.abstract_state, optimizer_name(config))
+    restored = ckpt.restore(
+        trainer.abstract_state, optimizer_name(config), config, allow_config_changes
+    )
     run = _Run(config, workdir, trainer, source, ckpt, restored)
     state = run.initial_state(restored)
     batches, consts = run.train_batches(), trainer.input_constants(run.preprocess)
