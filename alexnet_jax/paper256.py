@@ -12,12 +12,14 @@ counted and listed in undecodable.json beside the shards.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import io
 import json
 import math
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
 import tarfile
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from alexnet_jax.errors import UsageError
 
 # 1.1.0: resized with the antialiased bilinear filter of TFDS's general path (1.0.0: bicubic).
 NAME, VERSION = "imagenet2012_paper256", "1.1.0"
@@ -208,22 +212,31 @@ class Stopped(Exception):
 def convert(jobs: list[Job], directory: Path, processes: int) -> None:
     """Write the shards of `jobs` that are not written yet, on `processes` worker processes
     that exit with this one (however it ends). SIGTERM and Ctrl-C stop them and raise Stopped,
-    which says how many shards are kept and how to resume."""
+    which says how many shards are kept and how to resume; a worker that dies (the kernel's
+    out-of-memory killer, a crash in a codec) stops the run with a UsageError that says the
+    same, where a multiprocessing.Pool would replace the worker and wait for its shard forever."""
     todo = [j for j in jobs if not shard_path(directory, j.split, j.index, j.count).exists()]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} shards already written; {processes} processes")
     start, images, done, skipped = time.time(), 0, len(jobs) - len(todo), 0
+
+    def kept() -> str:
+        finished = sum(shard_path(directory, j.split, j.index, j.count).exists() for j in jobs)
+        return f"{finished} of {len(jobs)} shards are written and kept in {directory}"
 
     def stop(signum, frame):
         raise Stopped(signal.Signals(signum).name)
 
     previous = signal.signal(signal.SIGTERM, stop)
     # spawn, not fork: the parent has TensorFlow's threads running.
-    pool = multiprocessing.get_context("spawn").Pool(
-        processes, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    context = multiprocessing.get_context("spawn")
+    quit_event = context.Event()
+    pool = concurrent.futures.ProcessPoolExecutor(
+        processes, context, initializer=_exit_with_parent, initargs=(os.getpid(), quit_event)
     )
     try:
-        results = pool.imap_unordered(_write_shard_star, [(j, str(directory)) for j in todo])
-        for n, bad in results:
+        futures = [pool.submit(write_shard, j, str(directory)) for j in todo]
+        for future in concurrent.futures.as_completed(futures):
+            n, bad = future.result()
             images, done, skipped = images + n, done + 1, skipped + len(bad)
             for line in bad:
                 print(f"left out, does not decode: {line}", flush=True)
@@ -236,35 +249,34 @@ def convert(jobs: list[Job], directory: Path, processes: int) -> None:
                 + (f", {skipped} left out" if skipped else ""),
                 flush=True,
             )
+    except concurrent.futures.process.BrokenProcessPool:
+        raise UsageError(
+            f"a worker process died while writing shards (killed by the system, perhaps for "
+            f"memory: see `dmesg`); {kept()}. Run the same command to write the rest, with "
+            f"fewer --processes if memory ran out."
+        ) from None
     except (KeyboardInterrupt, Stopped) as e:
         name = e.args[0] if isinstance(e, Stopped) else "SIGINT"
-        finished = sum(shard_path(directory, j.split, j.index, j.count).exists() for j in jobs)
-        raise Stopped(
-            name,
-            f"stopped ({name}): {finished} of {len(jobs)} shards are written and kept in "
-            f"{directory}. Run the same command to write the rest.",
-        ) from None
+        message = f"stopped ({name}): {kept()}. Run the same command to write the rest."
+        raise Stopped(name, message) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-        pool.terminate()  # a shard cut short stays .incomplete and is written again
-        pool.join()
+        quit_event.set()  # a shard cut short stays .incomplete and is written again
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _exit_with_parent(parent: int) -> None:
+def _exit_with_parent(parent: int, quit_event: multiprocessing.synchronize.Event) -> None:
     """In each worker: exit as soon as the process that started it is gone (killed, even
-    with SIGKILL), rather than write shards for nobody beside a new run's."""
+    with SIGKILL), rather than write shards for nobody beside a new run's, or as soon as it
+    sets `quit_event` (stopped), even in the middle of a shard."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
+        while os.getppid() == parent and not quit_event.wait(0.5):
+            pass
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
-
-
-def _write_shard_star(args: tuple[Job, str]) -> tuple[int, list[str]]:
-    return write_shard(*args)
 
 
 def _finish(directory: Path, jobs: list[Job], tfds) -> None:

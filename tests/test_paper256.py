@@ -183,21 +183,25 @@ def _workers(parent: int) -> list[int]:
 @pytest.mark.slow  # three preparations started and stopped, each spawning its workers
 def test_stopping_the_preparation_stops_its_workers(tmp_path):
     """Ctrl-C or SIGTERM: one line, exit 130 or 143, workers stopped. SIGKILL: the workers
-    exit by themselves (they would otherwise write shards beside the next run's). Their input
-    never comes: the tar is a FIFO nobody writes."""
+    exit by themselves (they would otherwise write shards beside the next run's). A worker
+    killed (as the out-of-memory killer would): the run stops with one line instead of waiting
+    for its shard forever. Their input never comes: the tar is a FIFO nobody writes."""
     fifo = tmp_path / "tar"
     os.mkfifo(fifo)
     script = f"""
 import sys
 from pathlib import Path
 from alexnet_jax import paper256
+from alexnet_jax.errors import UsageError
 job = lambda i: paper256.Job("validation", i, 2, {str(fifo)!r}, (("x", 0, 9),), (0,))
 try:
     paper256.convert([job(0), job(1)], Path({str(tmp_path)!r}), 2)
 except paper256.Stopped as e:
     print(e.args[1]); sys.exit(e.exit_status)
+except UsageError as e:
+    print(e); sys.exit(1)
 """
-    for kill in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+    for kill in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL, "a worker"):
         proc = subprocess.Popen(
             [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -206,15 +210,22 @@ except paper256.Stopped as e:
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.2)
         workers = _workers(proc.pid)
-        proc.send_signal(kill)
+        if kill == "a worker":
+            os.kill(workers[0], signal.SIGKILL)
+        else:
+            proc.send_signal(kill)
         out = proc.communicate(timeout=30)[0].decode()
-        if kill != signal.SIGKILL:  # Ctrl-C or SIGTERM: one line, 128 + the signal
+        if kill == "a worker":
+            assert proc.returncode == 1, out
+            assert "a worker process died while writing shards" in out, out
+            assert "0 of 2 shards are written and kept in" in out, out
+        elif kill != signal.SIGKILL:  # Ctrl-C or SIGTERM: one line, 128 + the signal
             assert proc.returncode == 128 + kill, out
             assert f"stopped ({kill.name}): 0 of 2 shards are written and kept in" in out, out
-            assert "Traceback" not in out
+        assert "Traceback" not in out
         deadline = time.time() + 10
         while any(_state(p)[0] != "gone" for p in workers):
-            assert time.time() < deadline, f"workers {workers} outlived {kill.name}"
+            assert time.time() < deadline, f"workers {workers} outlived {kill}"
             time.sleep(0.2)
 
 
