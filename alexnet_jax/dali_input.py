@@ -188,7 +188,7 @@ def _cut(
     window in training (`where` None), else at `where`."""
     rows = stream.get("rows")
     local = stream["batch_size"] if rows is None else len(rows)
-    cut = _Pipeline(local, p.image_size, where, input_pipeline._parallelism(threads))
+    cut = _Pipeline(local, p.image_size, where, input_pipeline.parallelism(threads))
     train = where is None
     return _ahead(lambda: _decoded(input_pipeline.iterate(ds, split), cut, split, train))
 
@@ -206,6 +206,5 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """input_pipeline.eval_dataset's batches (same keyword arguments), cut by DALI."""
     ds = input_pipeline.eval_dataset(source, p, threads=threads, decode=False, **stream)
-    square = tf.zeros([p.resize_size, p.resize_size, 3], tf.uint8)
-    where = input_pipeline.eval_preprocess(square, p)["crops"].numpy()
+    where = input_pipeline.eval_windows(p.resize_size, p.image_size, p.ten_crop)
     return _cut(ds, source.eval, p, where, threads, stream)

@@ -252,28 +252,35 @@ def device_constants(p: Preprocess) -> dict[str, np.ndarray]:
     return {"mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32)}
 
 
+def eval_windows(resize_size: int, image_size: int, ten_crop: bool) -> np.ndarray:
+    """Where evaluation cuts its crops out of a resize_size square, as (top, left, mirror):
+    the centre [3], or the paper's ten patches [10, 3], four corners and centre and their
+    mirrors (the last five are the first five again, mirrored by `normalize`). The same for
+    every image: DALI builds its eval graph from them."""
+    far, mid = resize_size - image_size, (resize_size - image_size) // 2
+    if not ten_crop:
+        return np.array([mid, mid, 0], np.int32)
+    five = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+    return np.array([(t, left, flip) for flip in (0, 1) for t, left in five], np.int32)
+
+
 def ten_crops(square: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """The paper's ten patches: four corners and centre, and their mirrors: [10, size, size, 3],
-    with where each was taken and whether to mirror it, [10, 3] (the last five are the first
-    five again, mirrored by `normalize`)."""
-    full = square.shape[0] if square.shape[0] is not None else tf.shape(square)[0]
-    far, mid = full - size, (full - size) // 2
-    offsets = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
-    crops = [tf.slice(square, [t, left, 0], [size, size, 3]) for t, left in offsets]
-    where = [tf.stack([t, left, flip]) for flip in (0, 1) for t, left in offsets]
-    return tf.stack(crops + crops), tf.cast(tf.stack(where), tf.int32)
+    """The paper's ten patches of a square image [10, size, size, 3], with `eval_windows`."""
+    where = eval_windows(square.shape[0], size, ten_crop=True)
+    crops = [tf.slice(square, [t, left, 0], [size, size, 3]) for t, left, _ in where[:5]]
+    return tf.stack(crops + crops), tf.constant(where)
 
 
 def eval_preprocess(image: tf.Tensor, p: Preprocess) -> dict[str, tf.Tensor]:
     """Centre crop [H, W, 3], or the ten patches [10, H, W, 3] when `p.ten_crop`; normalised
     here, or (p.on_device) uint8 with their positions."""
-    square = resize_square(image, p.resize_size)
+    square = tf.ensure_shape(resize_square(image, p.resize_size), [p.resize_size] * 2 + [3])
     if p.ten_crop:
         crops, where = ten_crops(square, p.image_size)
     else:
-        offset = (p.resize_size - p.image_size) // 2
-        crops = tf.slice(square, [offset, offset, 0], [p.image_size, p.image_size, 3])
-        where = tf.constant([offset, offset, 0], tf.int32)
+        where = eval_windows(p.resize_size, p.image_size, ten_crop=False)
+        crops = tf.slice(square, [where[0], where[1], 0], [p.image_size, p.image_size, 3])
+        where = tf.constant(where)
     if p.on_device:
         return {"images": crops, "crops": where}
     return {"images": normalize(crops, where, tf.zeros(where.shape[:-1] + [3]), p)}
@@ -291,7 +298,7 @@ def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
         pixels = tf.reshape(square, [-1, 3]) / 255.0
         return square, tf.matmul(pixels, pixels, transpose_a=True)
 
-    ds = split.epoch(0, 0, 0).take(max_images).map(moments, _parallelism(None))
+    ds = split.epoch(0, 0, 0).take(max_images).map(moments, parallelism(None))
     ds = _threads(ds, None)
     total, outer, count = np.zeros((resize_size, resize_size, 3)), np.zeros((3, 3)), 0
     for s, o in iterate(ds, split):  # an undecodable image is named, not a TF traceback
@@ -369,12 +376,12 @@ def _process_rows(
     threads: int | None,
 ) -> tf.data.Dataset:
     """This process's examples of `_process_batches`, read with one `fetch` call per batch."""
-    parallel = _parallelism(threads)
+    parallel = parallelism(threads)
     ds = _process_batches(ds, batch, rows)
     return ds.map(fetch, num_parallel_calls=parallel, deterministic=True).unbatch()
 
 
-def _parallelism(threads: int | None) -> int:
+def parallelism(threads: int | None) -> int:
     """Calls in flight per parallel map: one per thread of the stream's pool."""
     return threads or os.cpu_count() or 1
 
@@ -466,7 +473,7 @@ def train_dataset(
             images, labels = tf.map_fn(crop, (records, offsets), fn_output_signature=out)
         return {**finish(images, offsets, flips, shifts, preprocess), "labels": labels}
 
-    ds = ds.map(prepare, num_parallel_calls=_parallelism(threads), deterministic=True)
+    ds = ds.map(prepare, num_parallel_calls=parallelism(threads), deterministic=True)
     return _threads(ds.take(num_steps - start_step).prefetch(PREFETCH_BATCHES), threads)
 
 
@@ -513,7 +520,7 @@ def eval_dataset(
         )
         return {**eval_preprocess(image, preprocess), "labels": label, "weights": weight}
 
-    ds = ds.map(prepare, num_parallel_calls=_parallelism(threads), deterministic=True)
+    ds = ds.map(prepare, num_parallel_calls=parallelism(threads), deterministic=True)
     local = batch_size if rows is None else len(rows)
     ds = ds.batch(local, drop_remainder=True).prefetch(PREFETCH_BATCHES)
     return _threads(ds, threads)
@@ -551,7 +558,7 @@ def undecodable(split: Split) -> list[int]:
     """The keys of every example of a random-access `split` that fails to decode: a parallel
     decoding pass that drops the failures, then the difference."""
     decodes = lambda key: (key, tf.shape(split.decode(key)[0]))
-    ds = _threads(split.epoch(0, 0, 0).map(decodes, num_parallel_calls=_parallelism(None)), None)
+    ds = _threads(split.epoch(0, 0, 0).map(decodes, num_parallel_calls=parallelism(None)), None)
     good = {int(k) for k, _ in ds.ignore_errors().as_numpy_iterator()}
     return sorted(set(range(split.size)) - good)
 

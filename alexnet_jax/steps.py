@@ -44,6 +44,7 @@ class Trainer:
         """`plain_ops`: an ablation, see AlexNet.plain_ops; `total_steps` and
         `steps_per_epoch`: the run's length and its epochs' (for the schedule)."""
         self.mesh = mesh
+        self.total_steps = total_steps
         self.model = AlexNet.from_config(config.model, plain_ops=tuple(plain_ops))
         self.optimizer = Optimizer.from_config(
             config.optimizer, config.batch_size, total_steps, steps_per_epoch

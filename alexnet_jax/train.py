@@ -400,7 +400,7 @@ class _Run:
             "stats": stats.to_dict(),
             "optimizer": optimizer_name(config),
         }
-        self.total = num_train_steps(config, source.train.size)
+        self.total = trainer.total_steps
         few = cluster.few_input_cores(
             trainer.input_threads, jax.local_device_count(), jax.default_backend()
         )
