@@ -1,5 +1,5 @@
 """What to set before JAX starts a backend, and how far the host may run ahead of it: XLA's
-flags, glibc's malloc on the CPU, the persistent compilation cache and the dispatch depth.
+flags, glibc's malloc, the persistent compilation cache and the dispatch depth.
 
 Imports no JAX: launch.py, the tests and the benchmarks call `prepare_backend` before anything
 starts a backend, as XLA reads its flags and glibc its arena settings only once.
@@ -54,32 +54,46 @@ def runs_on_cpu(env: Mapping[str, str]) -> bool:
     return not metadata.entry_points(group="jax_plugins") and util.find_spec("libtpu") is None
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep the memory XLA's CPU backend frees, for its next step.
+def keep_freed_memory(xla_buffers: bool = True) -> bool:
+    """Make glibc's malloc keep the memory this process frees, for its next use.
 
-    The CPU backend allocates every buffer of every run of a program with posix_memalign,
-    from its worker threads. glibc serves the large ones with a fresh mmap, whose pages the
-    kernel faults in and zeroes on first touch and takes back when they are freed, every step.
-    With one arena for all threads (a thread's own arena can only mmap that much), no mmap and
-    no trimming of the heap, the step reuses last step's pages (docs/performance.md). The
-    cost: memory once freed stays with the process, for its next use.
+    The input pipeline frees each batch's records (tens of KB each) as the next batch's are
+    read; glibc gives the top of its heaps back to the kernel, which faults the pages in and
+    zeroes them again for the next batch (about 6 page faults a record; reading with two
+    threads ran 1.4-1.7x as fast without; docs/imagenet.md). So the heaps are never trimmed,
+    on every backend.
+    `xla_buffers` (where JAX computes on the CPU): XLA's CPU backend allocates every buffer of
+    every run of a program with posix_memalign, from its worker threads. glibc serves the large
+    ones with a fresh mmap, faulted in and taken back every step. With one arena for all
+    threads (a thread's own arena can only mmap that much) and no mmap, the step reuses last
+    step's pages (docs/performance.md).
+    The cost: memory once freed stays with the process, for its next use.
     Call it before the backend starts: once its worker threads hold an arena it is too late.
     Returns whether the settings took (glibc on Linux only).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    mallopt = ctypes.CDLL(None).mallopt
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: never
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    return all(_mallopt(param, value) for param, value in malloc_settings(xla_buffers))
 
 
-def prepare_backend(cpu_flags: bool = True, cpu_malloc: bool = True) -> bool:
+def malloc_settings(xla_buffers: bool) -> list[tuple[int, int]]:
+    """glibc's mallopt (parameter, value) pairs of `keep_freed_memory`."""
+    never_trim = [(_M_TRIM_THRESHOLD, -1)]
+    return never_trim + ([(_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0)] if xla_buffers else [])
+
+
+def _mallopt(param: int, value: int) -> bool:
+    return ctypes.CDLL(None).mallopt(param, value) == 1
+
+
+def prepare_backend(cpu_flags: bool = True, malloc: bool = True) -> bool:
     """Everything to set before a backend starts: our XLA flags (the CPU's only when JAX will
-    compute on the CPU, and `cpu_flags`) and, on the CPU, `keep_freed_memory` (unless
-    `cpu_malloc` is False). Returns whether freed memory is now kept."""
+    compute on the CPU, and `cpu_flags`) and `keep_freed_memory` (unless `malloc` is False),
+    for XLA's buffers too when JAX computes on the CPU. Returns whether freed memory is now
+    kept."""
     on_cpu = runs_on_cpu(os.environ)
     set_xla_flags(cpu_flags and on_cpu)
-    return cpu_malloc and on_cpu and keep_freed_memory()
+    return malloc and keep_freed_memory(xla_buffers=on_cpu)
 
 
 def compilation_cache_dir(path: str) -> str | None:

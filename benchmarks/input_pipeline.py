@@ -17,7 +17,10 @@ configs/alexnet.py's 128:
 
 then, per process, the paper-256 train path and the reading with two input threads (against one:
 how far a process's input scales with its cores), the paper-256 train path with DALI decoding on
-the CPU (input.loader=dali, where DALI is installed) with one and two threads, the paper model's
+the CPU (input.loader=dali, where DALI is installed) with one and two threads, the reading with
+two threads in a process set up as on a GPU or TPU host, with glibc's malloc as it comes and
+as backend.prepare_backend leaves it (a process each, alternating; with the page faults per
+record), the paper model's
 train step (all cores) at the given batch, in images/s, and the training loop's own time per
 step: launch.py's loop on a model too small to cost anything (1/64 width, 67x67 inputs, the in-
 memory digits, the global batch of configs/alexnet.py), the host's share of every step at
@@ -29,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -201,6 +205,49 @@ def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[
 
 
 PROCESS = "process: "  # rows timed with more than one thread, reported per process
+HOST_READ = PROCESS + "reading, 2 threads, GPU/TPU host, "
+MALLOCS = {"system": "plain malloc", "kept": "memory kept"}  # glibc's as it comes; ours
+
+
+def host_read(directory: Path, batch: int, epochs: int, malloc: str) -> tuple[float, float]:
+    """Records/s of reading with two threads, and page faults per record, in a process of its
+    own set up as launch.py sets up a GPU or TPU host (backend.prepare_backend: glibc's malloc
+    keeps freed memory; `malloc` "kept"), or with glibc's malloc as it comes ("system"). malloc
+    is set once per process, before any thread starts, hence the process."""
+    code = (
+        "import sys; from benchmarks.input_pipeline import _read_child; _read_child(*sys.argv[1:])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(directory), str(batch), str(epochs), malloc],
+        env={**os.environ, "JAX_PLATFORMS": "cuda"},  # the host's settings; nothing starts JAX
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return float(out[-2]), float(out[-1])
+
+
+def _read_child(directory: str, batch: str, epochs: str, malloc: str) -> None:
+    """host_read's process: prints records/s and page faults per record."""
+    import resource
+
+    from alexnet_jax import backend
+
+    backend.prepare_backend(malloc=malloc == "kept")
+    import tensorflow_datasets as tfds
+
+    size = tfds.builder_from_directory(directory).info.splits["train"].num_examples
+    rate = read_rates(Path(directory), int(batch), int(epochs))[
+        PROCESS + "reading (used), 2 threads"
+    ]
+    rate()  # warm-up: the readers opened, the pipeline traced, the heap grown
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    records_per_s = rate()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    print(records_per_s, faults / (size * int(epochs)))
+
+
 DALI = "train path, paper-256, DALI on the CPU, "
 
 
@@ -298,6 +345,17 @@ def main(argv: list[str]) -> None:
             for name, measure in paths.items():
                 measured[name].append(measure())
         rows += [(name, np.median(v), min(v), max(v)) for name, v in measured.items()]
+        # Reading on a GPU or TPU host, with and without prepare_backend's malloc: a process
+        # each, alternating.
+        host = {m: [] for m in MALLOCS}
+        for _ in range(FLAGS.rounds):
+            for m in MALLOCS:
+                host[m].append(host_read(out, batch, 8 * epochs, m))
+        for m, label in MALLOCS.items():
+            rates = [r for r, _ in host[m]]
+            rows.append((HOST_READ + label, np.median(rates), min(rates), max(rates)))
+        kept_ratio = np.array([r for r, _ in host["kept"]]) / [r for r, _ in host["system"]]
+        faults = {m: np.median([f for _, f in host[m]]) for m in MALLOCS}
         raw_name, paper_name = list(paths)[:2]
         ratios = np.array(measured[paper_name]) / np.array(measured[raw_name])
         one, two = (
@@ -331,8 +389,13 @@ def main(argv: list[str]) -> None:
         ("paper-256 train path, 2 threads / 1 thread", scaling),
         ("reading, 2 threads / 1 thread", reads),
         ("reading, 2 threads / batched read, 1 thread", over_batched),
+        ("reading on a GPU/TPU host, freed memory kept / as glibc comes", kept_ratio),
     ):
         print(f"{what}: {np.median(r):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in r)})")
+    print(
+        f"page faults per record read there: {faults['system']:.1f} with glibc's malloc as it "
+        f"comes, {faults['kept']:.1f} with freed memory kept"
+    )
     if dali_ratio is not None:
         rounds = ", ".join(f"{x:.2f}" for x in dali_ratio)
         print(

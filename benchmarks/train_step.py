@@ -325,7 +325,7 @@ def main(argv: list[str]) -> None:
     from alexnet_jax import backend
 
     # The XLA flags and malloc settings launch.py runs with, before any backend starts.
-    kept = backend.prepare_backend(cpu_flags=not FLAGS.ynnpack, cpu_malloc=not FLAGS.system_malloc)
+    kept = backend.prepare_backend(cpu_flags=not FLAGS.ynnpack, malloc=not FLAGS.system_malloc)
 
     # Only the CPU backend reads this: on GPU/TPU the real devices are used.
     wanted = FLAGS.devices or max(config.mesh.data, 1) * config.mesh.model

@@ -49,7 +49,7 @@ _FAULTS = """
 import resource, sys
 sys.path[:0] = ["benchmarks", "."]
 from alexnet_jax import backend
-kept = backend.prepare_backend(cpu_malloc=sys.argv[1] == "kept")
+kept = backend.prepare_backend(malloc=sys.argv[1] == "kept")
 import jax
 from alexnet_jax import parallel, steps, train
 from configs import alexnet
@@ -95,7 +95,7 @@ def test_on_the_cpu_the_step_reuses_freed_memory_instead_of_faulting_it_in():
     assert kept[2:] == system[2:]  # the same steps, to the bit
 
 
-def test_malloc_is_kept_only_where_jax_computes_on_the_cpu(monkeypatch):
+def test_jax_computes_on_the_cpu_unless_an_accelerator_is_named_or_installed(monkeypatch):
     assert backend.runs_on_cpu({"JAX_PLATFORMS": "cpu"})
     assert not backend.runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
     assert not backend.runs_on_cpu({"JAX_PLATFORMS": "tpu"})
@@ -103,6 +103,26 @@ def test_malloc_is_kept_only_where_jax_computes_on_the_cpu(monkeypatch):
     assert not backend.runs_on_cpu({})  # an accelerator plugin installed
     monkeypatch.setattr(backend.metadata, "entry_points", lambda group: [])
     assert backend.runs_on_cpu({})
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_memory_is_kept_on_every_backend_and_xlas_buffers_on_the_cpu(monkeypatch):
+    """The heaps are never trimmed (the input pipeline's records); one arena and no mmap only
+    where XLA's CPU backend allocates its buffers."""
+    calls = []
+    monkeypatch.setattr(backend, "_mallopt", lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    trim, arenas, mmaps = backend._M_TRIM_THRESHOLD, backend._M_ARENA_MAX, backend._M_MMAP_MAX
+    for platforms, expected in (
+        ("cuda", {(trim, -1)}),
+        ("cpu", {(trim, -1), (arenas, 1), (mmaps, 0)}),
+    ):
+        calls.clear()
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert backend.prepare_backend() is True
+        assert set(calls) == expected and len(calls) == len(expected), (platforms, calls)
+    calls.clear()
+    assert backend.prepare_backend(malloc=False) is False and not calls
 
 
 def test_the_compilation_cache_may_be_a_url():
@@ -114,11 +134,11 @@ def test_the_compilation_cache_may_be_a_url():
 def test_the_cpu_flags_are_set_only_where_jax_computes_on_the_cpu(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
-    backend.prepare_backend(cpu_malloc=False)
+    backend.prepare_backend(malloc=False)
     flags = os.environ["XLA_FLAGS"].split()
     assert "--xla_dump_to=/tmp/x" in flags and set(backend.GPU_XLA_FLAGS) <= set(flags)
     assert not set(backend.CPU_XLA_FLAGS) & set(flags)
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    backend.prepare_backend(cpu_malloc=False)
+    backend.prepare_backend(malloc=False)
     assert set(backend.CPU_XLA_FLAGS) <= set(os.environ["XLA_FLAGS"].split())
