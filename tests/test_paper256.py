@@ -439,26 +439,6 @@ def test_a_run_trains_and_evaluates_from_a_bucket(bucket, tmp_path):
     assert (bucket[1] / "gs" / "bucket" / "tfds" / bucket[0] / "dataset_info.json").exists()
 
 
-_READ_FAULTS = """
-import os, resource, sys
-os.environ["JAX_PLATFORMS"] = "cuda"  # a GPU host's settings; nothing here starts JAX
-from alexnet_jax import backend
-kept = backend.prepare_backend(malloc=sys.argv[2] == "kept")
-import tensorflow as tf, tensorflow_datasets as tfds
-from alexnet_jax import input_pipeline as ip, sources
-split = sources._tfds_random_access(tfds.builder_from_directory(sys.argv[1]), "train", False)
-keys = tf.data.Dataset.range(128 * 100).map(lambda i: i * 7 % split.size).batch(128)
-read = lambda k: tf.strings.length(split.fetch(k)[0])  # batches of 128, as configs/alexnet.py
-ds = ip._threads(keys.map(read, num_parallel_calls=2).prefetch(2), 2)
-it = iter(ds)
-next(it)
-before, n = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, 0
-for lengths in it:
-    n += len(lengths)
-print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n)
-"""
-
-
 @pytest.mark.slow  # two processes importing TensorFlow
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
 def test_reading_records_reuses_freed_memory_on_an_accelerator_host(tmp_path):
@@ -467,21 +447,12 @@ def test_reading_records_reuses_freed_memory_on_an_accelerator_host(tmp_path):
     record; prepare_backend keeps it, on a GPU or TPU host too (backend.keep_freed_memory).
     Photographs, whose records are ImageNet's size (about 25 KB; the `prepared` fixture's
     smooth images make 6 KB records, which glibc's trimming leaves alone)."""
-    from benchmarks.input_pipeline import photographs, write_tars
+    from benchmarks.input_pipeline import host_read, photographs, write_tars
 
     (tmp_path / "tars").mkdir()
     write_tars(tmp_path / "tars", photographs(32), photographs(4, 1), list(CLASSES))
-    directory = str(paper256.prepare(str(tmp_path / "data"), str(tmp_path / "tars"), 1))
-    faults = {}
-    for malloc in ("system", "kept"):
-        r = subprocess.run(
-            [sys.executable, "-c", _READ_FAULTS, directory, malloc],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(os.path.dirname(__file__)),
-        )
-        assert r.returncode == 0, r.stderr
-        kept, faults[malloc] = r.stdout.split()[-2], float(r.stdout.split()[-1])
-        assert kept == str(malloc == "kept")
+    directory = paper256.prepare(str(tmp_path / "data"), str(tmp_path / "tars"), 1)
+    # Batches of configs/alexnet.py's 128, two threads, in a process set up as on a GPU host.
+    faults = {malloc: host_read(directory, 128, 400, malloc)[1] for malloc in ("system", "kept")}
     assert faults["system"] > 2, faults  # the test can tell: records were faulted in
     assert faults["kept"] < faults["system"] / 4, faults
