@@ -5,7 +5,8 @@ tf.data still reads the records, draws each batch's crop windows, mirrors and li
 window of the stored JPEGs (nvJPEG with device="mixed" where JAX computes on a GPU, and the GPU's
 hardware JPEG decoder where it has one; libjpeg-turbo on the CPU elsewhere), or cuts windows of
 uint8 images that are not stored as JPEGs at the resize size. The batches keep the uint8
-contract of device_input: crops, where each was taken, lighting shifts, labels.
+contract of device_input: crops, where each was taken, lighting shifts, labels. Crops decoded on
+a GPU stay there: they reach JAX as device arrays (DLPack), not through the host.
 
 DALI upsamples JPEG chroma with interpolation (libjpeg-turbo's "fancy" upsampling, and nvJPEG's
 own); tf.data decodes windows without it, so the two loaders' pixels differ slightly on JPEGs
@@ -71,7 +72,8 @@ def _first_gpu() -> int:
 
 class _Pipeline:
     """A DALI pipeline fed a batch at a time: `data` (a JPEG, or a uint8 image, per example)
-    and, in training, each example's window (top, left); out come the crops as uint8 NumPy."""
+    and, in training, each example's window (top, left); out come the crops as uint8 NumPy,
+    or as a jax.Array where they were decoded on a GPU."""
 
     def __init__(self, batch: int, size: int, where: np.ndarray | None, threads: int) -> None:
         self.batch, self.size, self.where, self.threads = batch, size, where, threads
@@ -124,9 +126,18 @@ class _Pipeline:
         if windows is not None:
             p.feed_input("anchor", list(np.ascontiguousarray(windows[:, ::-1], np.int32)))
         (out,) = p.run()
-        if hasattr(out, "as_cpu"):
-            out = out.as_cpu()
+        if hasattr(out, "as_cpu"):  # decoded on the GPU: stays there
+            return to_jax(out)
         return out.as_array()
+
+
+def to_jax(gpu_batch: Any) -> Any:
+    """A DALI batch on a GPU (a TensorListGPU) as a jax.Array on that GPU, through DLPack and
+    without a trip through the host; copied, as DALI reuses its output buffers for the next
+    batch. parallel.global_batch places it on the process's devices like a NumPy batch."""
+    import jax
+
+    return jax.dlpack.from_dlpack(gpu_batch.as_tensor()).copy()
 
 
 def _examples(batch: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -3,6 +3,7 @@
 import dataclasses
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -200,3 +201,41 @@ def test_an_image_dali_cannot_decode_stops_the_run_in_one_message():
     with pytest.raises(UsageError, match="could not be decoded.*\nDALI said: ") as e:
         next(dali_input._decoded(iter([batch]), cut, source.train, train=True))
     assert "Traceback" not in str(e.value)
+
+
+def test_crops_decoded_on_a_gpu_reach_jax_without_the_host():
+    """DALI's output on a GPU becomes a jax.Array through DLPack, never through the host, and
+    a copy (DALI reuses its buffers for the next batch), which global_batch shards as it does
+    the NumPy batch. The GPU batch is faked: an array behind DALI's interface, which DLPack
+    carries the same way: a JAX array on this process's first device."""
+    from alexnet_jax import parallel
+
+    want = np.arange(8 * 5 * 5 * 3, dtype=np.uint8).reshape(8, 5, 5, 3)
+    crops = jax.device_put(want, jax.local_devices()[0])  # DALI's buffer
+
+    class GPUBatch:  # DALI's TensorListGPU, as far as the pipeline uses it
+        def as_cpu(self):
+            raise AssertionError("the crops went through the host")
+
+        def as_tensor(self):
+            return crops
+
+    class Built:  # a built DALI pipeline
+        def feed_input(self, name, data):
+            pass
+
+        def run(self):
+            return (GPUBatch(),)
+
+    cut = dali_input._Pipeline(8, 5, None, 1)
+    cut._built[True] = Built()
+    got = cut([np.zeros(3, np.uint8)] * 8, np.zeros((8, 2), np.int32))
+    assert isinstance(got, jax.Array) and got.devices() == crops.devices()
+    # Not DALI's buffer, which the next batch overwrites.
+    assert got.unsafe_buffer_pointer() != crops.unsafe_buffer_pointer()
+    np.testing.assert_array_equal(np.asarray(got), want)
+    mesh = parallel.create_mesh(4, 2)
+    placed = parallel.global_batch(mesh, {"images": got}, 8)["images"]
+    from_host = parallel.global_batch(mesh, {"images": want}, 8)["images"]
+    assert placed.sharding == from_host.sharding
+    np.testing.assert_array_equal(np.asarray(placed), want)
