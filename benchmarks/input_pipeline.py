@@ -18,11 +18,10 @@ configs/alexnet.py's 128:
 then, per process, the paper-256 train path and the reading with two input threads (against one:
 how far a process's input scales with its cores), the paper-256 train path with DALI decoding on
 the CPU (input.loader=dali, where DALI is installed) with one and two threads, the reading with
-two threads in a process set up as on a GPU or TPU host, with glibc's malloc as it comes and
-as backend.prepare_backend leaves it (a process each, alternating; with the page faults per
-record), the paper model's
-train step (all cores) at the given batch, in images/s, and the training loop's own time per
-step: launch.py's loop on a model too small to cost anything (1/64 width, 67x67 inputs, the in-
+two threads in a process set up as on a GPU or TPU host, with glibc's malloc as it comes and as
+backend.prepare_backend leaves it (a process each, alternating; with the page faults per
+record), the paper model's train step (all cores) at the given batch, in images/s, and the
+training loop's own time per step: launch.py's loop on a model too small to cost anything (1/64 width, 67x67 inputs, the in-
 memory digits, the global batch of configs/alexnet.py), the host's share of every step at
 accelerator rates.
 """
