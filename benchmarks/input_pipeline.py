@@ -21,9 +21,9 @@ the CPU (input.loader=dali, where DALI is installed) with one and two threads, t
 two threads in a process set up as on a GPU or TPU host, with glibc's malloc as it comes and as
 backend.prepare_backend leaves it (a process each, alternating; with the page faults per
 record), the paper model's train step (all cores) at the given batch, in images/s, and the
-training loop's own time per step: launch.py's loop on a model too small to cost anything (1/64 width, 67x67 inputs, the in-
-memory digits, the global batch of configs/alexnet.py), the host's share of every step at
-accelerator rates.
+training loop's own time per step: launch.py's loop on a model too small to cost anything
+(1/64 width, 67x67 inputs, the in-memory digits, the global batch of configs/alexnet.py), the
+host's share of every step at accelerator rates.
 """
 
 from __future__ import annotations
