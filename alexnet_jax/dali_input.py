@@ -77,6 +77,7 @@ class _Pipeline:
 
     def __init__(self, batch: int, size: int, where: np.ndarray | None, threads: int) -> None:
         self.batch, self.size, self.where, self.threads = batch, size, where, threads
+        self._gpu = device() == "mixed"
         self._built: dict[bool, Any] = {}
 
     def _build(self, encoded: bool) -> Any:
@@ -126,7 +127,7 @@ class _Pipeline:
         if windows is not None:
             p.feed_input("anchor", list(np.ascontiguousarray(windows[:, ::-1], np.int32)))
         (out,) = p.run()
-        if hasattr(out, "as_cpu"):  # decoded on the GPU: stays there
+        if self._gpu:  # decoded on the GPU: stays there
             return to_jax(out)
         return out.as_array()
 

@@ -203,39 +203,51 @@ def test_an_image_dali_cannot_decode_stops_the_run_in_one_message():
     assert "Traceback" not in str(e.value)
 
 
-def test_crops_decoded_on_a_gpu_reach_jax_without_the_host():
-    """DALI's output on a GPU becomes a jax.Array through DLPack, never through the host, and
-    a copy (DALI reuses its buffers for the next batch), which global_batch shards as it does
-    the NumPy batch. The GPU batch is faked: an array behind DALI's interface, which DLPack
-    carries the same way: a JAX array on this process's first device."""
+def test_crops_decoded_on_a_gpu_reach_jax_without_the_host(monkeypatch):
+    """Where DALI decodes on a GPU its output becomes a jax.Array through DLPack, never
+    through the host, and a copy (DALI reuses its buffers for the next batch), which
+    global_batch shards as it does the NumPy batch; on the CPU the crops stay NumPy, on
+    tf.data's path. The GPU is faked: a built pipeline that returns a DALI TensorList (a CPU
+    one, which DLPack carries the same way), then a JAX array behind DALI's interface, whose
+    buffer tells whether it was copied."""
+    from nvidia.dali.backend import TensorListCPU
+
     from alexnet_jax import parallel
 
     want = np.arange(8 * 5 * 5 * 3, dtype=np.uint8).reshape(8, 5, 5, 3)
-    crops = jax.device_put(want, jax.local_devices()[0])  # DALI's buffer
-
-    class GPUBatch:  # DALI's TensorListGPU, as far as the pipeline uses it
-        def as_cpu(self):
-            raise AssertionError("the crops went through the host")
-
-        def as_tensor(self):
-            return crops
 
     class Built:  # a built DALI pipeline
         def feed_input(self, name, data):
             pass
 
         def run(self):
-            return (GPUBatch(),)
+            return (TensorListCPU(want),)
 
-    cut = dali_input._Pipeline(8, 5, None, 1)
-    cut._built[True] = Built()
-    got = cut([np.zeros(3, np.uint8)] * 8, np.zeros((8, 2), np.int32))
-    assert isinstance(got, jax.Array) and got.devices() == crops.devices()
-    # Not DALI's buffer, which the next batch overwrites.
-    assert got.unsafe_buffer_pointer() != crops.unsafe_buffer_pointer()
+    def cut():
+        pipeline = dali_input._Pipeline(8, 5, None, 1)
+        pipeline._built[True] = Built()
+        return pipeline([np.zeros(3, np.uint8)] * 8, np.zeros((8, 2), np.int32))
+
+    assert isinstance(cut(), np.ndarray)  # DALI on the CPU
+    monkeypatch.setattr(dali_input, "device", lambda: "mixed")
+    got = cut()
+    assert isinstance(got, jax.Array)
     np.testing.assert_array_equal(np.asarray(got), want)
     mesh = parallel.create_mesh(4, 2)
     placed = parallel.global_batch(mesh, {"images": got}, 8)["images"]
     from_host = parallel.global_batch(mesh, {"images": want}, 8)["images"]
     assert placed.sharding == from_host.sharding
     np.testing.assert_array_equal(np.asarray(placed), want)
+
+    class GPUList:  # DALI's TensorListGPU, as far as to_jax uses it
+        def __init__(self, array):
+            self.array = array
+
+        def as_tensor(self):
+            return self.array
+
+    buffer = jax.device_put(want, jax.local_devices()[0])
+    copied = dali_input.to_jax(GPUList(buffer))
+    assert copied.devices() == buffer.devices()
+    assert copied.unsafe_buffer_pointer() != buffer.unsafe_buffer_pointer()
+    np.testing.assert_array_equal(np.asarray(copied), want)
