@@ -73,13 +73,9 @@ def keep_freed_memory(xla_buffers: bool = True) -> bool:
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    return all(_mallopt(param, value) for param, value in malloc_settings(xla_buffers))
-
-
-def malloc_settings(xla_buffers: bool) -> list[tuple[int, int]]:
-    """glibc's mallopt (parameter, value) pairs of `keep_freed_memory`."""
-    never_trim = [(_M_TRIM_THRESHOLD, -1)]
-    return never_trim + ([(_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0)] if xla_buffers else [])
+    settings = [(_M_TRIM_THRESHOLD, -1)]  # -1: never
+    settings += [(_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0)] if xla_buffers else []
+    return all(_mallopt(param, value) for param, value in settings)
 
 
 def _mallopt(param: int, value: int) -> bool:

@@ -77,13 +77,13 @@ class _Pipeline:
 
     def __init__(self, batch: int, size: int, where: np.ndarray | None, threads: int) -> None:
         self.batch, self.size, self.where, self.threads = batch, size, where, threads
-        self._gpu = device() == "mixed"
+        self.backend = device()  # fixed for the run: JAX's backend does not change
         self._built: dict[bool, Any] = {}
 
     def _build(self, encoded: bool) -> Any:
         from nvidia.dali import fn, pipeline_def, types
 
-        backend, size, where = device(), self.size, self.where
+        backend, size, where = self.backend, self.size, self.where
         gpu = _first_gpu() if backend == "mixed" else None
 
         @pipeline_def(batch_size=self.batch, num_threads=self.threads, device_id=gpu)
@@ -127,7 +127,7 @@ class _Pipeline:
         if windows is not None:
             p.feed_input("anchor", list(np.ascontiguousarray(windows[:, ::-1], np.int32)))
         (out,) = p.run()
-        if self._gpu:  # decoded on the GPU: stays there
+        if self.backend == "mixed":  # decoded on the GPU: stays there
             return to_jax(out)
         return out.as_array()
 
