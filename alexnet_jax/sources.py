@@ -241,10 +241,10 @@ _EXAMPLE_SPEC = {
 class _ArrayRecordRows:
     """Records of a split's array_record shards by index, a batch of them per call, read
     straight from array_record's readers a record at a time. Each single-record read runs
-    without Python's lock, so the stream's threads read in parallel; a batched read would
-    spread every call over a pool of threads of array_record's own, which costs about twice
-    the CPU per record (docs/imagenet.md). The threads share the readers: indexed reads do
-    not change them (array_record's own data source shares them too)."""
+    without Python's lock, so the stream's threads read in parallel; array_record's batched
+    read holds the lock for the whole batch and costs more CPU per record (docs/imagenet.md).
+    The threads share the readers: range and indexed reads do not change them (array_record's
+    own data source shares them too)."""
 
     def __init__(self, instructions: list[Any]):
         self._paths = [str(i.filename) for i in instructions]
@@ -271,7 +271,7 @@ class _ArrayRecordRows:
         readers = self._open(np.unique(shard))
         out = np.empty(len(keys), dtype=object)
         for row, (s, i) in enumerate(zip(shard.tolist(), position.tolist(), strict=True)):
-            out[row] = readers[s].read([i])[0]
+            out[row] = readers[s].read(i, i + 1)[0]  # a range: cheaper than a list of one index
         return out
 
 

@@ -365,6 +365,7 @@ def test_the_input_benchmark_prints_every_path():
     assert "DALI on the CPU, 2 threads" in r.stdout, r.stdout
     assert "paper-256 train path, 2 threads / 1 thread:" in r.stdout
     assert "reading, 2 threads / batched read, 1 thread:" in r.stdout
+    assert "reading on a GPU/TPU host, 2 threads / batched read, 1 thread:" in r.stdout
     assert re.search(r"DALI's crops against tf.data's.*: [0-9.]+ grey levels", r.stdout)
     assert re.search(r"training loop, host time per step .*: [0-9.]+ ms", r.stdout), r.stdout
 
