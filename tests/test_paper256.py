@@ -295,6 +295,11 @@ def test_records_are_read_straight_from_the_shards_as_tfds_reads_them(prepared):
     builder = tfds.builder_from_directory(str(directory))
     files = sources._array_record_files(builder, "train")
     assert files is not None and len(files) > 1  # keys cross shards
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for f in files:  # a record per chunk, not compressed (JPEGs do not compress)
+        options = ArrayRecordReader(str(f.filename)).writer_options_string().split(",")
+        assert "group_size:1" in options and "uncompressed" in options, options
     raw = tfds.decode.DeserializeMethod.RAW_BYTES
     tfds_source = builder.as_data_source(split="train", deserialize_method=raw)
     keys = np.random.default_rng(0).permutation(len(tfds_source))
