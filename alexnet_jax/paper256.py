@@ -38,6 +38,9 @@ NAME, VERSION = "imagenet2012_paper256", "1.1.0"
 SIZE, QUALITY = 256, 95  # JPEG quality 95: 256x256 photographs of ~30 KB
 VAL_SHARD = 1000  # validation images per shard
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
+# array_record's writer options: a record per chunk, for random access; uncompressed, as JPEGs
+# do not compress and a read then skips the decompressor (docs/imagenet.md).
+SHARD_OPTIONS = "group_size:1,uncompressed"
 
 
 def to_paper256(data: bytes) -> np.ndarray:
@@ -122,9 +125,7 @@ def write_shard(job: Job, directory: str) -> tuple[int, list[str]]:
     tmp = final.with_name(final.name + ".incomplete")
     features = _features()
     total, outer = np.zeros((SIZE, SIZE, 3), np.uint32), np.zeros((3, 3))
-    # A record per chunk, for random access; uncompressed, as JPEGs do not compress and a read
-    # then skips the decompressor (about 17% of a record's read, docs/imagenet.md).
-    writer = ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")
+    writer = ArrayRecordWriter(str(tmp), SHARD_OPTIONS)
     n, bad = 0, []
     for name, data, label in _images(job):
         try:

@@ -137,23 +137,12 @@ def decode_rate(source, epochs: int, batch: int) -> float:
     return _rate(ip._threads(ds.map(windows), 1), source.train)
 
 
-def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[], float]]:
-    """Records/s of reading paper-256's train split a batch of keys per call, in a shuffled
-    order, three ways: as sources.py reads (a record per read call, parsed by TensorFlow a
-    batch at once), with array_record's batched read instead, and through TFDS's per-example
-    deserialisation in Python. The records' bytes stay in TensorFlow (the loop takes their
-    lengths), as the train path's decoding takes them."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    from alexnet_jax import input_pipeline as ip
+def batched_read(instructions: list) -> Callable[[np.ndarray], np.ndarray]:
+    """sources.py's reader with array_record's batched read instead: a call per shard and
+    batch (the alternative to sources.py's read of a record per call, timed beside it)."""
     from alexnet_jax import sources
 
     class _BatchedRows(sources._ArrayRecordRows):
-        """The reader with array_record's batched read: a call per shard and batch, which spreads
-        the records over a pool of threads of array_record's own (the alternative to sources.py's
-        read of a record per call, timed beside it)."""
-
         def read(self, keys: np.ndarray) -> np.ndarray:
             shard = np.searchsorted(self._starts, keys, side="right") - 1
             readers = self._open(np.unique(shard))
@@ -163,9 +152,41 @@ def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[
                 out[at] = readers[s].read((keys[at] - self._starts[s] + self._skips[s]).tolist())
             return out
 
+    return _BatchedRows(instructions).read
+
+
+def records_rate(fetch, size: int, batch: int, epochs: int, threads: int = 1) -> float:
+    """Records/s of `fetch` (keys -> images, labels) over `size` records in a shuffled order,
+    a batch of keys per call on `threads` threads. The records' bytes stay in TensorFlow (the
+    loop takes their lengths), as the train path's decoding takes them."""
+    import tensorflow as tf
+
+    from alexnet_jax import input_pipeline as ip
+
+    order = tf.data.Dataset.range(size).shuffle(size, seed=0)
+    keys = order.repeat(epochs).batch(batch)
+
+    def lengths(k):
+        images, labels = fetch(k)
+        return {"bytes": tf.strings.length(images), "labels": labels}
+
+    ds = keys.map(lengths, num_parallel_calls=threads).prefetch(threads)
+    return _iterator_rate(ip._threads(ds, threads).as_numpy_iterator())
+
+
+def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[], float]]:
+    """Records/s of reading paper-256's train split a batch of keys per call, in a shuffled
+    order, three ways: as sources.py reads (a record per read call, parsed by TensorFlow a
+    batch at once), with array_record's batched read instead, and through TFDS's per-example
+    deserialisation in Python."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from alexnet_jax import sources
+
     builder = tfds.builder_from_directory(str(directory))
     split = sources._tfds_random_access(builder, "train", shuffle=False)
-    batched = _BatchedRows(sources._array_record_files(builder, "train")).read
+    batched = batched_read(sources._array_record_files(builder, "train"))
 
     def batched_fetch(keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         records = tf.numpy_function(batched, [keys], tf.string, stateful=False)
@@ -182,17 +203,7 @@ def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[
         return images, np.array([e["label"] for e in examples], np.int32)
 
     tfds_fetch = lambda keys: tf.numpy_function(tfds_np, [keys], (tf.string, tf.int32))
-
-    def rate(fetch, threads: int = 1) -> float:
-        order = tf.data.Dataset.range(split.size).shuffle(split.size, seed=0)
-        keys = order.repeat(epochs).batch(batch)
-
-        def lengths(k):
-            images, labels = fetch(k)
-            return {"bytes": tf.strings.length(images), "labels": labels}
-
-        ds = keys.map(lengths, num_parallel_calls=threads).prefetch(threads)
-        return _rate(ip._threads(ds, threads), split)
+    rate = lambda fetch, threads=1: records_rate(fetch, split.size, batch, epochs, threads)
 
     return {
         "reading, a record per read call (used)": lambda: rate(split.fetch),
