@@ -375,6 +375,29 @@ def test_the_input_benchmark_prints_every_path():
     assert re.search(r"training loop, host time per step .*: [0-9.]+ ms", r.stdout), r.stdout
 
 
+@pytest.mark.slow  # prepares photographs, starts reader processes
+def test_the_reading_benchmark_prints_every_part():
+    from conftest import REPO
+
+    script = REPO / "benchmarks/reading.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--images=64", "--rounds=1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = re.findall(r"^(\S.{47}) +([0-9,.]+) (µs|GB/s|records/s)  \(", r.stdout, re.M)
+    assert len(rows) == 20, r.stdout
+    assert all(float(v.replace(",", "")) > 0 for _, v, _ in rows), r.stdout
+    units = {name.strip(): unit for name, _, unit in rows}
+    assert units["read, a range of one (used)"] == "µs"
+    assert units["large copies, 2 threads"] == "GB/s"
+    assert units["reading, the JPEG alone, 2 threads"] == "records/s"
+    for name in ("reading (used), 2 threads", "reading, the JPEG alone, 2 threads"):
+        assert re.search(rf"{re.escape(name)} / batched read, 1 thread: [0-9.]+x", r.stdout)
+
+
 @pytest.fixture
 def bucket(prepared, tmp_path, monkeypatch):
     """The prepared dataset in gs://bucket/tfds, the bucket redirected to tmp_path/bucket
