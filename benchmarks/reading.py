@@ -42,38 +42,42 @@ FLAGS = flags.FLAGS
 BATCH, READS = 256, 16  # keys per read call; reads of every record per timing
 
 
-def _bare_reads(path: str, threads: int, queue=None) -> float:
+def _bare_reads(path: str, threads: int, queue=None, barrier=None) -> float:
     """Records/s of range reads of one record each, in a shuffled order, on `threads` threads
-    sharing one reader (put on `queue` when given: a process's answer)."""
+    sharing one reader. In a process of `_processes`: the clock starts when every process is
+    ready (`barrier`), and (records, start, end) go on `queue`."""
     from array_record.python.array_record_module import ArrayRecordReader
 
     reader = ArrayRecordReader(path, "readahead_buffer_size:0")
     n = reader.num_records()
-    order = np.random.default_rng(0).permutation(n).tolist() * READS
+    order = np.random.default_rng(0).permutation(n).tolist() * 4 * READS  # processes overlap
 
     def work(part: list[int]) -> None:
         for i in part:
             reader.read(i, i + 1)
 
     workers = [threading.Thread(target=work, args=(order[k::threads],)) for k in range(threads)]
+    if barrier is not None:
+        barrier.wait()
     start = time.perf_counter()
     [w.start() for w in workers]
     [w.join() for w in workers]
-    rate = len(order) / (time.perf_counter() - start)
+    end = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
     if queue is not None:
-        queue.put(rate)
-    return rate
+        queue.put((len(order), start, end))
+    return len(order) / (end - start)
 
 
 def _processes(path: str, count: int) -> float:
-    """Records/s of `count` processes of bare reads together, started before the clock runs."""
+    """Records/s of `count` processes of bare reads together: all their records over the time
+    from the first start to the last end."""
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_bare_reads, args=(path, 1, queue)) for _ in range(count)]
+    queue, barrier = ctx.Queue(), ctx.Barrier(count)
+    procs = [ctx.Process(target=_bare_reads, args=(path, 1, queue, barrier)) for _ in range(count)]
     [p.start() for p in procs]
-    rates = [queue.get() for _ in procs]
+    done = [queue.get() for _ in procs]
     [p.join() for p in procs]
-    return sum(rates)
+    return sum(d[0] for d in done) / (max(d[2] for d in done) - min(d[1] for d in done))
 
 
 def _per_record_us(read, n: int) -> float:
@@ -94,9 +98,10 @@ def _batched_us(reader, n: int) -> float:
     return 1e6 * (time.perf_counter() - start) / len(order)
 
 
-def _copy_rate(threads: int, size: int = 64 << 20, reps: int = 8) -> float:
-    """GB/s copied by large NumPy copies (which leave Python's lock) on `threads` threads."""
-    pairs = [(np.ones(size, np.uint8), np.empty(size, np.uint8)) for _ in range(threads)]
+def _copy_rate(threads: int, size: int = 64 << 20, reps: int = 16) -> float:
+    """GB/s copied by large NumPy copies (which leave Python's lock) on `threads` threads,
+    between buffers already faulted in."""
+    pairs = [(np.ones(size, np.uint8), np.ones(size, np.uint8)) for _ in range(threads)]
 
     def work(src, dst) -> None:
         for _ in range(reps):
