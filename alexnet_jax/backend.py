@@ -59,9 +59,9 @@ def keep_freed_memory(xla_buffers: bool = True) -> bool:
 
     The input pipeline frees each batch's records (tens of KB each) as the next batch's are
     read; glibc gives the top of its heaps back to the kernel, which faults the pages in and
-    zeroes them again for the next batch (about 6 page faults a record; reading with two
-    threads ran 1.27x as fast with the heaps kept, docs/imagenet.md). So the heaps are never
-    trimmed, on every backend.
+    zeroes them again for the next batch (4-11 page faults a record in the input benchmark's
+    runs; reading with two threads ran 1.10-1.51x as fast with the heaps kept,
+    docs/imagenet.md). So the heaps are never trimmed, on every backend.
     `xla_buffers` (where JAX computes on the CPU): XLA's CPU backend allocates every buffer of
     every run of a program with posix_memalign, from its worker threads. glibc serves the large
     ones with a fresh mmap, faulted in and taken back every step. With one arena for all
