@@ -42,6 +42,16 @@ FLAGS = flags.FLAGS
 BATCH, READS = 256, 16  # keys per read call; reads of every record per timing
 
 
+def _start_and_join(work, args: list[tuple]) -> tuple[float, float]:
+    """Run `work(*a)` for each `a` on a thread of its own, all at once: (start, end) on
+    perf_counter, CLOCK_MONOTONIC, the same clock in every process."""
+    workers = [threading.Thread(target=work, args=a) for a in args]
+    start = time.perf_counter()
+    [w.start() for w in workers]
+    [w.join() for w in workers]
+    return start, time.perf_counter()
+
+
 def _bare_reads(path: str, threads: int, queue=None, barrier=None) -> float:
     """Records/s of range reads of one record each, in a shuffled order, on `threads` threads
     sharing one reader. In a process of `_processes`: the clock starts when every process is
@@ -56,13 +66,9 @@ def _bare_reads(path: str, threads: int, queue=None, barrier=None) -> float:
         for i in part:
             reader.read(i, i + 1)
 
-    workers = [threading.Thread(target=work, args=(order[k::threads],)) for k in range(threads)]
     if barrier is not None:
         barrier.wait()
-    start = time.perf_counter()
-    [w.start() for w in workers]
-    [w.join() for w in workers]
-    end = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
+    start, end = _start_and_join(work, [(order[k::threads],) for k in range(threads)])
     if queue is not None:
         queue.put((len(order), start, end))
     return len(order) / (end - start)
@@ -80,21 +86,12 @@ def _processes(path: str, count: int) -> float:
     return sum(d[0] for d in done) / (max(d[2] for d in done) - min(d[1] for d in done))
 
 
-def _per_record_us(read, n: int) -> float:
-    """µs a record of `read(i)` over a shuffled order, one thread."""
+def _per_record_us(read, n: int, per_call: int = 1) -> float:
+    """µs a record of `read(keys)`, `per_call` keys of a shuffled order a call, one thread."""
     order = np.random.default_rng(1).permutation(n).tolist() * 4
     start = time.perf_counter()
-    for i in order:
-        read(i)
-    return 1e6 * (time.perf_counter() - start) / len(order)
-
-
-def _batched_us(reader, n: int) -> float:
-    """µs a record of array_record's batched read, BATCH records of a shuffled order a call."""
-    order = np.random.default_rng(1).permutation(n).tolist() * 4
-    start = time.perf_counter()
-    for k in range(0, len(order), BATCH):
-        reader.read(order[k : k + BATCH])
+    for k in range(0, len(order), per_call):
+        read(order[k : k + per_call])
     return 1e6 * (time.perf_counter() - start) / len(order)
 
 
@@ -107,11 +104,8 @@ def _copy_rate(threads: int, size: int = 64 << 20, reps: int = 16) -> float:
         for _ in range(reps):
             np.copyto(dst, src)
 
-    workers = [threading.Thread(target=work, args=p) for p in pairs]
-    start = time.perf_counter()
-    [w.start() for w in workers]
-    [w.join() for w in workers]
-    return threads * reps * size / (time.perf_counter() - start) / 1e9
+    start, end = _start_and_join(work, pairs)
+    return threads * reps * size / (end - start) / 1e9
 
 
 def main(argv: list[str]) -> None:
@@ -191,16 +185,16 @@ def main(argv: list[str]) -> None:
         rate = lambda fetch, threads=1: bench.records_rate(fetch, n, BATCH, READS, threads)
         paths = {
             "µs: pread of a record's bytes": lambda: _per_record_us(
-                lambda i: os.pread(fd, size, offsets[i]), n
+                lambda k: os.pread(fd, size, offsets[k[0]]), n
             ),
             "µs: read, a range of one (used)": lambda: _per_record_us(
-                lambda i: reader.read(i, i + 1), n
+                lambda k: reader.read(k[0], k[0] + 1), n
             ),
-            "µs: read, a list of one index": lambda: _per_record_us(lambda i: reader.read([i]), n),
+            "µs: read, a list of one index": lambda: _per_record_us(reader.read, n),
             "µs: read, a range of one, zstd shards": lambda: _per_record_us(
-                lambda i: zstd_reader.read(i, i + 1), n
+                lambda k: zstd_reader.read(k[0], k[0] + 1), n
             ),
-            "µs: batched read, per record": lambda: _batched_us(reader, n),
+            "µs: batched read, per record": lambda: _per_record_us(reader.read, n, BATCH),
             "bare reads, 1 thread": lambda: _bare_reads(used, 1),
             "bare reads, 2 threads": lambda: _bare_reads(used, 2),
             "bare reads, 1 process": lambda: _processes(used, 1),
