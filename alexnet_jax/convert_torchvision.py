@@ -142,13 +142,13 @@ def convert(state_dict: Mapping[str, Any], workdir: str | os.PathLike, config: A
     do not fit the config's model, and a workdir that holds checkpoints."""
     import jax
 
-    from alexnet_jax import checkpoint, lifecycle, parallel, sources, steps, train
+    from alexnet_jax import checkpoint, config_checks, lifecycle, parallel, sources, steps
 
     config = torchvision_config(config)
     params = from_torch(state_dict)
     mesh = parallel.create_mesh(1, 1)  # one device: the saved layout fits any mesh
     config.mesh.data, config.mesh.model = 1, 1
-    train.check_config(config, 1, 1)
+    config_checks.check_config(config, 1, 1)
     trainer = steps.Trainer(config, mesh)
     saved, wanted = (checkpoint.flat_shapes(t) for t in (params, trainer.abstract_state.params))
     lines = checkpoint.describe_mismatch(saved, wanted, ("weights", "model"))

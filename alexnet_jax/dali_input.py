@@ -27,33 +27,6 @@ from alexnet_jax import input_pipeline
 from alexnet_jax.errors import UsageError
 from alexnet_jax.sources import Source, Split
 
-LOADERS = ("tf.data", "dali")
-INSTALL = 'pip install -e ".[dali]"'  # NVIDIA DALI for CUDA 12 (its CPU mode needs no GPU)
-
-
-def available() -> bool:
-    """Whether NVIDIA DALI is installed."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def check(loader: str, normalize_on_device: bool) -> None:
-    """A UsageError unless `loader` can run: a known name, and DALI installed when asked for."""
-    if loader not in LOADERS:
-        raise UsageError(f"input.loader={loader!r} is unknown; use one of {LOADERS}.")
-    if loader != "dali":
-        return
-    if not normalize_on_device:
-        raise UsageError(
-            "input.loader=dali ships uint8 crops that the device normalises: set "
-            "--config.input.normalize_on_device=True."
-        )
-    if not available():
-        raise UsageError(f"input.loader=dali needs NVIDIA DALI, which is not installed: {INSTALL}")
-
 
 def device() -> str:
     """DALI's decoder backend: 'mixed' (GPU decoding) where JAX computes on a GPU."""

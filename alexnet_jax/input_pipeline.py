@@ -24,6 +24,7 @@ import tensorflow as tf
 from absl import logging
 from etils import epath
 
+from alexnet_jax.config_checks import MEANS
 from alexnet_jax.errors import UsageError
 from alexnet_jax.sources import Source, Split
 
@@ -103,9 +104,6 @@ def lighting_shifts(stats: Stats, std: float, seed: tf.Tensor, n: int) -> tf.Ten
     return 255.0 * tf.matmul(
         alpha * tf.constant(stats.eigval, tf.float32), eigvec, transpose_b=True
     )
-
-
-MEANS = ("image", "channel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,9 +242,12 @@ def channel_std(stats: Stats) -> np.ndarray:
     return np.maximum(stats.std(), 1.0).astype(np.float32)
 
 
-def device_constants(p: Preprocess) -> dict[str, np.ndarray]:
+def device_constants(p: Preprocess) -> dict[str, np.ndarray] | None:
     """What device_input.normalize needs to normalise `p`'s uint8 batches: the mean ([3], or
-    the [S, S, 3] mean image) and the divisor ([3]; ones without divide_by_std)."""
+    the [S, S, 3] mean image) and the divisor ([3]; ones without divide_by_std); None where
+    the host normalises (not p.on_device)."""
+    if not p.on_device:
+        return None
     mean = p.stats.mean_image if p.mean == "image" else np.asarray(p.stats.mean)
     std = channel_std(p.stats) if p.divide_by_std else np.ones(3)
     return {"mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32)}

@@ -1,5 +1,8 @@
 """What a run reports: metric sums gathered as steps are dispatched, their means, the lines of
-metrics.jsonl and TensorBoard, and the console's log lines."""
+metrics.jsonl and TensorBoard, and the console's log lines.
+
+TensorFlow, which writes the TensorBoard events, is imported by the writer of process 0 only:
+the steps use this module's sums on images that have no TensorFlow."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import tensorflow as tf
 from absl import logging
 from etils import epath
 
@@ -66,8 +68,11 @@ class MetricsWriter:
     def __init__(self, workdir: epath.PathLike, active: bool):
         self.active = active
         if active:
+            import tensorflow as tf
+
             workdir = epath.Path(workdir)  # a gs://... URL stays one
             self.path = workdir / "metrics.jsonl"
+            self.summary = tf.summary
             self.tb = tf.summary.create_file_writer(os.fspath(workdir / "tensorboard"))
 
     def drop_after(self, step: int, evals_too: bool = False) -> int:
@@ -97,7 +102,7 @@ class MetricsWriter:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         with self.tb.as_default(step=step):
             for k, v in metrics.items():
-                tf.summary.scalar(k, v)
+                self.summary.scalar(k, v)
         self.tb.flush()
 
 

@@ -13,9 +13,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from alexnet_jax import backend, cluster, device_input, input_pipeline, parallel
+from alexnet_jax import backend, cluster, device_input, parallel
 from alexnet_jax.metrics import Accumulator, means
 from alexnet_jax.model import AlexNet
 from alexnet_jax.optimizer import Optimizer, set_learning_rate
@@ -111,7 +112,8 @@ class Trainer:
             return batch["images"]
         if consts is None:
             raise ValueError(
-                "a batch of uint8 crops needs input_pipeline.device_constants to normalise"
+                "a batch of uint8 crops needs the constants that normalise it "
+                "(input_pipeline.device_constants)"
             )
         return self.normalize({k: batch[k] for k in device_input.KEYS if k in batch}, consts)
 
@@ -146,11 +148,11 @@ class Trainer:
         """Metric sums of one eval batch (see `_train_step` for `consts`)."""
         return eval_fn(params, self._images(batch, consts), batch["labels"], batch["weights"])
 
-    def input_constants(self, preprocess: input_pipeline.Preprocess) -> dict | None:
-        """What the steps need to normalise `preprocess`'s uint8 batches, on every device."""
-        if not preprocess.on_device:
+    def input_constants(self, consts: dict[str, np.ndarray] | None) -> dict | None:
+        """`consts` (input_pipeline.device_constants: what normalises uint8 batches) on every
+        device; None for batches normalised on the host."""
+        if consts is None:
             return None
-        consts = input_pipeline.device_constants(preprocess)
         return jax.device_put(consts, parallel.replicated(self.mesh))
 
     def evaluate(

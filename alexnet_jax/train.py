@@ -1,5 +1,5 @@
-"""A run: the config checked, the training loop with its periodic work (log, save, evaluate,
-stop), and --mode=eval. The jitted pieces it runs are in steps.py."""
+"""A run: the training loop with its periodic work (log, save, evaluate, stop), and --mode=eval.
+The config is checked first (config_checks.py); the jitted pieces it runs are in steps.py."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from alexnet_jax import (
     parallel,
     sources,
 )
+from alexnet_jax.config_checks import check_config, profile_window, resolve_batch_size
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import (
     InFlight,
@@ -34,101 +35,8 @@ from alexnet_jax.metrics import (
     log_train,
     means,
 )
-from alexnet_jax.model import AlexNet, layer_table
-from alexnet_jax.optimizer import Optimizer
+from alexnet_jax.model import layer_table
 from alexnet_jax.steps import Trainer, TrainState
-
-
-def check_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
-    """Every config error we can see before compiling, as a UsageError naming the fix.
-
-    Each model and optimizer field is checked where it is used (AlexNet, optimizer.py), by
-    building them here; this function adds the checks that span fields, the data or the mesh.
-    """
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UsageError(message)
-
-    need(config.batch_size > 0, f"batch_size={config.batch_size} must be positive.")
-    model = AlexNet.from_config(config.model)
-    Optimizer.from_config(config.optimizer, config.batch_size)
-    i = config.input
-
-    smallest = model.min_image_size()
-    need(
-        i.image_size >= smallest,
-        f"input.image_size={i.image_size} is too small for the {model.variant} architecture: "
-        f"its last pooling would have no output. Use at least {smallest}.",
-    )
-    need(
-        i.resize_size >= i.image_size,
-        f"input.resize_size={i.resize_size} must be at least input.image_size={i.image_size}.",
-    )
-    dali_input.check(i.get("loader", "tf.data"), i.normalize_on_device)
-    need(
-        i.mean in input_pipeline.MEANS,
-        f"input.mean={i.mean!r} is unknown; use one of {input_pipeline.MEANS}.",
-    )
-    need(
-        config.num_train_steps == -1 or config.num_train_steps > 0,
-        f"num_train_steps={config.num_train_steps}: set a positive number of steps, or -1 to "
-        "train num_epochs epochs.",
-    )
-    need(
-        config.num_train_steps > 0 or config.num_epochs > 0,
-        "Set num_train_steps > 0, or num_train_steps=-1 and num_epochs > 0.",
-    )
-    profile_window(config)
-    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-        need(config[key] > 0, f"{key}={config[key]} must be positive.")
-    need(
-        config.keep_checkpoints > 0,
-        f"keep_checkpoints={config.keep_checkpoints} would keep no checkpoint, so a stopped run "
-        "could not resume: keep at least 1 (the newest).",
-    )
-    parallel.check_mesh(
-        config.mesh.data,
-        config.mesh.model,
-        model.num_towers,
-        config.batch_size,
-        num_devices,
-        process_count,
-    )
-
-
-def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
-    """config.profile_steps "N,M" as (N, M): the trace covers steps N to M-1."""
-    text = str(config.get("profile_steps") or "").strip()
-    if not text:
-        return None
-    try:
-        first, end = (int(x) for x in text.split(","))
-    except ValueError:
-        first, end = 0, 0
-    if not 0 < first < end:
-        raise UsageError(
-            f"profile_steps={text!r}: give 'N,M' with 0 < N < M, e.g. --config.profile_steps=10,15 "
-            "traces steps 10 to 14."
-        )
-    return first, end
-
-
-def resolve_batch_size(
-    config: ml_collections.ConfigDict, num_devices: int
-) -> ml_collections.ConfigDict:
-    """The config, with batch_size = per_device_batch_size x mesh.data where that is set."""
-    per = config.get("per_device_batch_size")
-    if per is None:
-        return config
-    if per <= 0:
-        raise UsageError(f"per_device_batch_size={per} must be positive (or unset).")
-    data, _ = parallel.mesh_shape(config.mesh.data, config.mesh.model, num_devices)
-    config = config.copy_and_resolve_references()
-    config.batch_size = per * data
-    logging.info("batch_size = %d per data shard x %d shards = %d", per, data, config.batch_size)
-    return config
-
 
 # -------------------------------------------------------------------------------------- loop
 
@@ -196,7 +104,7 @@ def evaluate(
     the metrics under `prefix`, logged. Training and --mode=eval both evaluate here."""
     stream = dict(batch_size=trainer.batch_size, rows=trainer.rows, threads=trainer.input_threads)
     batches = _batches(False, source, preprocess, **stream)
-    consts = trainer.input_constants(preprocess)
+    consts = trainer.input_constants(input_pipeline.device_constants(preprocess))
     metrics = trainer.evaluate(state, batches, preprocess.ten_crop, prefix, consts)
     log_eval(step, metrics, prefix)
     return metrics
@@ -317,7 +225,8 @@ def _train_and_evaluate(
     )
     run = _Run(config, workdir, trainer, source, ckpt, restored)
     state = run.initial_state(restored)
-    batches, consts = run.train_batches(), trainer.input_constants(run.preprocess)
+    batches = run.train_batches()
+    consts = trainer.input_constants(input_pipeline.device_constants(run.preprocess))
     in_flight = InFlight(backend.dispatch_depth(jax.default_backend()))
     sums = run.initial_sums()  # summed on the devices over the steps since the last log line
     try:

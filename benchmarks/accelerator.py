@@ -142,7 +142,7 @@ def input_rows() -> list[dict]:
     """The paper-256 train path of this process on all its cores, tf.data and DALI."""
     import dataclasses
 
-    from alexnet_jax import dali_input, paper256, sources
+    from alexnet_jax import config_checks, dali_input, paper256, sources
     from alexnet_jax import input_pipeline as ip
     from benchmarks import input_pipeline as bench
     from configs import alexnet
@@ -162,7 +162,7 @@ def input_rows() -> list[dict]:
         p = ip.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=True)
         batch = min(128, n // 2)
         steps = max(8 * n // batch, 2)
-        loaders = ["tf.data"] + (["dali"] if dali_input.available() else [])
+        loaders = ["tf.data"] + (["dali"] if config_checks.dali_available() else [])
         for loader in loaders:
             q = dataclasses.replace(p, loader=loader)
             stream = dict(seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=threads)

@@ -30,10 +30,10 @@ def main(argv: list[str]) -> None:
     # Only the CPU backend reads this: on GPU/TPU the real devices are used.
     wanted = _DEVICES.value or max(config.mesh.data, 1) * config.mesh.model
     jax.config.update("jax_num_cpu_devices", wanted)
-    from alexnet_jax import parallel, train
+    from alexnet_jax import config_checks, parallel
     from benchmarks import report
 
-    train.check_config(config, jax.device_count(), 1)
+    config_checks.check_config(config, jax.device_count(), 1)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
     print(report.report(config, mesh)[0])
 

@@ -268,7 +268,7 @@ def main(argv: list[str]) -> None:
     # The XLA flags launch.py runs with, before any backend starts (the step rate).
     backend.prepare_backend()
 
-    from alexnet_jax import dali_input, paper256, sources
+    from alexnet_jax import config_checks, dali_input, paper256, sources
     from alexnet_jax import input_pipeline as ip
     from configs import alexnet
 
@@ -344,7 +344,7 @@ def main(argv: list[str]) -> None:
             PROCESS + "train path, paper-256, 1 thread": lambda: train_rate(stored, p, 1),
             PROCESS + "train path, paper-256, 2 threads": lambda: train_rate(stored, p, 2),
         }
-        if dali_input.available():
+        if config_checks.dali_available():
             dali = dataclasses.replace(p, loader="dali")
             paths[PROCESS + DALI + "1 thread"] = lambda: train_rate(stored, dali, 1)
             paths[PROCESS + DALI + "2 threads"] = lambda: train_rate(stored, dali, 2)
@@ -385,7 +385,7 @@ def main(argv: list[str]) -> None:
         over_batched = used / batched
         host_over_batched = kept / batched  # round by round
 
-        if dali_input.available():
+        if config_checks.dali_available():
             pixels = dali_pixels(stored, p, batch)
 
     if FLAGS.step_batch:

@@ -26,7 +26,6 @@ in --rounds interleaved rounds (default 5 of 2 timed steps each), printing the r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -101,8 +100,9 @@ def matmul_peak(dtype: str, n: int = 4096) -> float:
 
 
 def synthetic_batch(config, mesh, trainer):
-    """A global batch as the input pipeline ships it, and the constants that normalise it."""
-    from alexnet_jax import input_pipeline as ip
+    """A global batch as the input pipeline ships it, and constants that normalise it as
+    input_pipeline.device_constants would (the config's kind of mean, a std where it divides),
+    made here so that the step runs without TensorFlow."""
     from alexnet_jax import parallel
 
     i, b = config.input, config.batch_size
@@ -116,29 +116,24 @@ def synthetic_batch(config, mesh, trainer):
         "shifts": rng.normal(0, 5, (b, 3)).astype(np.float32),
         "labels": rng.integers(0, config.model.num_classes, b).astype(np.int32),
     }
-    mean_image = np.full((i.resize_size, i.resize_size, 3), 120.0, np.float32)
-    stats = dataclasses.replace(ip.IMAGENET_STATS, mean_image=mean_image)
-    preprocess = ip.Preprocess(
-        stats,
-        i.image_size,
-        i.resize_size,
-        divide_by_std=i.divide_by_std,
-        mean=i.mean,
-        on_device=True,
-    )
+    mean_shape = (i.resize_size, i.resize_size, 3) if i.mean == "image" else (3,)
+    consts = {
+        "mean": np.full(mean_shape, 120.0, np.float32),
+        "std": np.full(3, 60.0 if i.divide_by_std else 1.0, np.float32),
+    }
     rows = parallel.process_rows(mesh, b)
     local = {k: v[rows] for k, v in local.items()}
-    return parallel.global_batch(mesh, local, b), trainer.input_constants(preprocess)
+    return parallel.global_batch(mesh, local, b), trainer.input_constants(consts)
 
 
 def _checked(config):
     """The config with its batch size resolved and checked, and its mesh."""
     import jax
 
-    from alexnet_jax import parallel, train
+    from alexnet_jax import config_checks, parallel
 
-    config = train.resolve_batch_size(config, jax.device_count())
-    train.check_config(config, jax.device_count(), jax.process_count())
+    config = config_checks.resolve_batch_size(config, jax.device_count())
+    config_checks.check_config(config, jax.device_count(), jax.process_count())
     return config, parallel.create_mesh(config.mesh.data, config.mesh.model)
 
 

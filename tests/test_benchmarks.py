@@ -140,7 +140,7 @@ def test_the_pytorch_comparison_checks_logits_then_times_interleaved_rounds():
 
 @pytest.mark.slow  # compiles the step five times, prepares photographs, runs the loop
 def test_the_accelerator_benchmark_writes_every_field(tmp_path):
-    from alexnet_jax import dali_input
+    from alexnet_jax import config_checks
 
     args = ["--tiny", "--per_device=2", "--dtypes=float32", "--steps=1", "--loop_steps=2"]
     args.append("--input_images=16")
@@ -160,7 +160,7 @@ def test_the_accelerator_benchmark_writes_every_field(tmp_path):
         assert s["images_per_sec"] > 0 and 0 < s["mfu"] < 1 and s["memory_bytes_per_device"] > 0
         assert s["images_per_sec_per_device"] == pytest.approx(s["images_per_sec"] / 2)
     loaders = [i["loader"] for i in result["input"]]
-    assert loaders == ["tf.data"] + (["dali"] if dali_input.available() else [])
+    assert loaders == ["tf.data"] + (["dali"] if config_checks.dali_available() else [])
     assert all(i["images_per_sec"] > 0 and i["threads"] >= 1 for i in result["input"])
     assert result["loop"]["steps"] == 2 and 0 <= result["loop"]["data_wait_fraction"] <= 1
     table = (tmp_path / "accelerator.md").read_text()

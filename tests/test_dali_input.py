@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from test_paper256 import _cfg, prepared  # noqa: F401  (the prepared paper-256 fixture)
 
-from alexnet_jax import UsageError, dali_input, sources, train
+from alexnet_jax import UsageError, config_checks, dali_input, sources, train
 from alexnet_jax import input_pipeline as ip
 
 KEYS = {"images", "crops", "shifts", "labels"}
@@ -159,15 +159,15 @@ def test_dali_is_checked_before_anything_runs(monkeypatch):
     from conftest import tiny_config
 
     config = tiny_config(**{"input.loader": "dali"})
-    train.check_config(config, 8, 1)  # installed here
+    config_checks.check_config(config, 8, 1)  # installed here
     with pytest.raises(UsageError, match="unknown"):
-        train.check_config(tiny_config(**{"input.loader": "pillow"}), 8, 1)
+        config_checks.check_config(tiny_config(**{"input.loader": "pillow"}), 8, 1)
     off = tiny_config(**{"input.loader": "dali", "input.normalize_on_device": False})
     with pytest.raises(UsageError, match="normalize_on_device=True"):
-        train.check_config(off, 8, 1)
+        config_checks.check_config(off, 8, 1)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed
     with pytest.raises(UsageError, match=r'pip install -e "\.\[dali\]"') as e:
-        train.check_config(config, 8, 1)
+        config_checks.check_config(config, 8, 1)
     assert len(str(e.value).splitlines()) == 1
 
 

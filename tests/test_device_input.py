@@ -89,7 +89,8 @@ def test_the_step_on_uint8_batches_equals_the_step_on_float_batches(tiny):
     for mesh_shape, on_device in (((1, 1), False), ((2, 2), True)):
         mesh = parallel.create_mesh(*mesh_shape)
         trainer = steps.Trainer(config, mesh)
-        consts = trainer.input_constants(dataclasses.replace(p, on_device=on_device))
+        q = dataclasses.replace(p, on_device=on_device)
+        consts = trainer.input_constants(input_pipeline.device_constants(q))
         assert (consts is not None) == on_device
         state = trainer.init_state(0)
         for step in range(2):
@@ -115,5 +116,5 @@ def test_a_uint8_batch_without_its_statistics_is_refused(tiny):
     mesh = parallel.create_mesh(1, 1)
     trainer = steps.Trainer(config, mesh)
     batch = parallel.global_batch(mesh, _train_batch(config, source, p, True), config.batch_size)
-    with pytest.raises(ValueError, match="needs input_pipeline.device_constants"):
+    with pytest.raises(ValueError, match="needs the constants that normalise it"):
         trainer.train_step(trainer.init_state(0), batch)

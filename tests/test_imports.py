@@ -4,6 +4,9 @@ bottom, so no module imports one that imports it back."""
 import ast
 import gc
 import graphlib
+import json
+import math
+import os
 import re
 import subprocess
 import sys
@@ -139,3 +142,89 @@ def test_importing_the_package_loads_neither_tensorflow_nor_orbax():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     ).stdout.splitlines()
     assert out == ["[]", "['orbax.checkpoint', 'tensorflow']"]
+
+
+# What runs on a GPU image with JAX's stack alone (DESIGN.md): the model, the sharded step and
+# the checkpoints; the data modules and TensorBoard's writer sit above them.
+JAX_STACK = ("model", "parallel", "optimizer", "config_checks", "steps", "checkpoint", "metrics")
+DATA = ("input_pipeline", "sources", "paper256", "staging", "dali_input", "prepare_imagenet")
+
+
+def _reached(graph: dict[str, set[str]], start: tuple[str, ...]) -> set[str]:
+    seen, todo = set(), list(start)
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph[m]
+    return seen
+
+
+def test_the_step_and_the_checkpoints_import_no_data_module():
+    assert _reached(import_graph(), JAX_STACK) & set(DATA) == set()
+
+
+def test_a_data_import_below_the_step_would_be_found(tmp_path):
+    fake = _package_with(tmp_path, {"optimizer": "input_pipeline"})
+    assert "input_pipeline" in _reached(import_graph(fake), JAX_STACK) & set(DATA)
+
+
+STEP_WITHOUT_TENSORFLOW = """
+import json
+import jax_stack_only
+
+finder = jax_stack_only.install()
+import jax
+
+jax.config.update("jax_num_cpu_devices", 2)
+import numpy as np
+
+from alexnet_jax import checkpoint, config_checks, model, optimizer, parallel, steps  # noqa
+from configs import digits
+
+config = digits.get_config()
+config.batch_size, config.model.width, config.mesh.data, config.mesh.model = 4, 0.125, 1, 2
+config.input.image_size = config.input.resize_size = 67
+config_checks.check_config(config, jax.device_count(), 1)
+trainer = steps.Trainer(config, parallel.create_mesh(1, 2))
+rng = np.random.default_rng(0)
+local = {
+    "images": rng.normal(size=(4, 67, 67, 3)).astype(np.float32),
+    "labels": np.arange(4, dtype=np.int32),
+    "weights": np.ones(4, np.float32),
+}
+batch = parallel.global_batch(trainer.mesh, local, 4)
+state = trainer.init_state(0)
+losses = []
+for _ in range(3):
+    state, sums = trainer.train_step(state, batch)
+    losses.append(float(sums["loss"] / sums["count"]))
+evals = trainer.eval_step(state.params, batch)
+try:
+    from alexnet_jax import input_pipeline  # noqa
+    data = "imported"
+except ModuleNotFoundError as e:
+    data = str(e)
+print(json.dumps({"losses": losses, "eval_count": float(evals["count"]), "data": data}))
+"""
+
+
+def test_the_train_and_eval_steps_run_with_jax_stack_alone():
+    """In a process where TensorFlow, TFDS, array_record, DALI and the project's other
+    dependencies beyond JAX's stack cannot be imported (tests/jax_stack_only.py), the step and
+    checkpoint modules import and train and eval steps run, the towers split over two devices;
+    the data modules cannot be imported there."""
+    out = subprocess.run(
+        [sys.executable, "-c", STEP_WITHOUT_TENSORFLOW],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert "blocked: JAX's stack only" in result["data"]  # the block holds
+    assert result["eval_count"] == 4
+    losses = result["losses"]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

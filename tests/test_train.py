@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_steps import lowerings
 
-from alexnet_jax import UsageError, train
+from alexnet_jax import UsageError, config_checks, train
 
 
 @pytest.mark.parametrize(
@@ -61,13 +61,13 @@ def test_a_diverging_run_stops_before_saving_a_nan_state(tiny, tmp_path):
 
 def test_per_device_batch_size_sets_the_global_batch(tiny):
     config = tiny(**{"mesh.model": 2, "batch_size": 8})
-    assert train.resolve_batch_size(config, 8) is config  # unset: batch_size as given
+    assert config_checks.resolve_batch_size(config, 8) is config  # unset: batch_size as given
     config.per_device_batch_size = 3
-    resolved = train.resolve_batch_size(config, 8)  # mesh (4, 2): 4 data shards
+    resolved = config_checks.resolve_batch_size(config, 8)  # mesh (4, 2): 4 data shards
     assert (resolved.batch_size, config.batch_size) == (12, 8)
     config.per_device_batch_size = 0
     with pytest.raises(UsageError, match="per_device_batch_size=0 must be positive"):
-        train.resolve_batch_size(config, 8)
+        config_checks.resolve_batch_size(config, 8)
 
 
 def test_eval_mode_scores_a_checkpoint_both_ways_and_changes_none(trained_on_4x2, tmp_path):
