@@ -47,6 +47,12 @@ _ALLOW_CHANGES = flags.DEFINE_bool(
     "checkpoint's; without it such a resume is refused. Length, cadences, paths and the mesh "
     "may always change.",
 )
+_ALLOW_CPU = flags.DEFINE_bool(
+    "allow_cpu",
+    False,
+    "Train on the CPU although the host has a GPU or TPU that JAX did not take (without it such "
+    "a run stops and names the install of JAX's build for that accelerator).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -174,10 +180,11 @@ def main(argv: list[str]) -> None:
     backend.prepare_backend()
     import jax
 
-    from alexnet_jax import train
+    from alexnet_jax import cluster, train
 
     try:
         init_distributed()
+        cluster.check_backend(_ALLOW_CPU.value)
         if jax.process_index() > 0:  # one console log is enough; errors still show everywhere
             logging.set_verbosity(logging.WARNING)
         set_compilation_cache(_CACHE.value)

@@ -1,6 +1,7 @@
 """How a run meets its machines: which processes start `jax.distributed` and which devices and
-host cores each one drives (SLURM, Open MPI, Cloud TPU, explicit flags), and the start-up check
-that every process sees the devices it should.
+host cores each one drives (SLURM, Open MPI, Cloud TPU, explicit flags), and the start-up checks
+that every process sees the devices it should and that JAX did not leave the host's
+accelerators idle for its CPU.
 
 Everything here runs before the model exists; parallel.py decides what the devices then hold.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Collection, Mapping
+from importlib import metadata, util
 from typing import Any
 
 import jax
@@ -187,15 +190,111 @@ def initialize(args: dict[str, Any] | None) -> None:
     if devices[0].platform != "gpu" or len(devices) != len(wanted):
         raise UsageError(
             f"this process should drive GPUs {wanted} but JAX sees {len(devices)} "
-            f"{devices[0].platform} device(s): install JAX's CUDA build (jax[cuda12] or "
-            "jax[cuda13]), or set CUDA_VISIBLE_DEVICES to the GPUs this process may use."
+            f"{devices[0].platform} device(s): {INSTALL['gpu']}; or set CUDA_VISIBLE_DEVICES to "
+            "the GPUs this process may use."
         )
 
 
 def describe() -> str:
-    """Processes, this one's devices and all devices, for the first lines of every log."""
+    """Processes, the backend, this one's devices (kind and ids) and all devices, for the first
+    lines of every log."""
     local = jax.local_devices()
     return (
         f"process {jax.process_index()} of {jax.process_count()}: {len(local)} local "
-        f"{local[0].platform} device(s) {[d.id for d in local]}, {jax.device_count()} in all"
+        f"{local[0].platform} device(s) {[d.id for d in local]} ({local[0].device_kind}), "
+        f"{jax.device_count()} in all"
     )
+
+
+# The installs of JAX's accelerator builds (pyproject.toml's extras), for the one-line errors.
+INSTALL = {
+    "gpu": (
+        'install JAX\'s CUDA build: pip install -c constraints.txt -e ".[cuda12]" (NVIDIA '
+        'driver 525 or newer), or ".[cuda13]" (driver 580 or newer)'
+    ),
+    "tpu": 'install JAX\'s TPU build: pip install -c constraints.txt -e ".[tpu]" (libtpu)',
+}
+_NAMES = {"gpu": "an NVIDIA GPU", "tpu": "a TPU"}
+_PCI_VENDORS = {"0x10de": "gpu", "0x1ae0": "tpu"}  # NVIDIA; Google (TPU chips)
+
+
+def host_accelerators(
+    root: str = "/", which: Callable[[str], str | None] = shutil.which
+) -> dict[str, str]:
+    """The accelerators this host has, whatever JAX made of them: {'gpu' | 'tpu': what shows
+    it}. Read from the file system under `root`: NVIDIA's device files and driver, the PCI
+    devices of NVIDIA (display and 3D controllers) and Google (TPU chips), TPU VMs' /dev/accel*;
+    and `which('nvidia-smi')`."""
+    found: dict[str, str] = {}
+    for pattern, kind in (("dev/nvidia[0-9]*", "gpu"), ("dev/accel[0-9]*", "tpu")):
+        paths = sorted(glob.glob(os.path.join(root, pattern)))
+        if paths:
+            found.setdefault(kind, "/" + os.path.relpath(paths[0], root))
+    if os.path.exists(os.path.join(root, "proc/driver/nvidia/version")):
+        found.setdefault("gpu", "/proc/driver/nvidia/version")
+    for device in sorted(glob.glob(os.path.join(root, "sys/bus/pci/devices/*"))):
+        kind = _PCI_VENDORS.get(_read(os.path.join(device, "vendor")))
+        if kind == "gpu" and not _read(os.path.join(device, "class")).startswith("0x03"):
+            continue  # an NVIDIA bridge or switch, not a GPU
+        if kind:
+            found.setdefault(kind, f"PCI device {os.path.basename(device)}")
+    smi = which("nvidia-smi")
+    if smi:
+        found.setdefault("gpu", smi)
+    return found
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def installed_plugins() -> set[str]:
+    """JAX's accelerator plugins installed in this environment (jax_plugins entry points, and
+    libtpu)."""
+    names = {e.name for e in metadata.entry_points(group="jax_plugins")}
+    return names | ({"libtpu"} if util.find_spec("libtpu") is not None else set())
+
+
+def idle_accelerator(
+    backend: str,
+    found: Mapping[str, str],
+    env: Mapping[str, str],
+    plugins: Collection[str] = (),
+) -> str | None:
+    """One line when JAX computes on the CPU (`backend`) beside an accelerator the host has
+    (`found`, host_accelerators) that JAX did not take, else None. GPUs hidden from the process
+    (CUDA_VISIBLE_DEVICES empty) and a CPU named in JAX_PLATFORMS are choices, not oversights."""
+    if backend != "cpu" or env.get("JAX_PLATFORMS", "").split(",")[0].strip() == "cpu":
+        return None
+    hidden = env.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1", "NoDevFiles")
+    kind = next((k for k in ("tpu", "gpu") if k in found and not (k == "gpu" and hidden)), None)
+    if kind is None:
+        return None
+    own = sorted(p for p in plugins if ("cuda" in p) == (kind == "gpu"))
+    why = (
+        f"JAX's {', '.join(own)} plugin is installed but did not start (its warning above says "
+        "why: often a driver older than it needs)"
+        if own
+        else "JAX's CPU build is installed"
+    )
+    return (
+        f"JAX computes on the CPU, but this host has {_NAMES[kind]} ({found[kind]}) that JAX did "
+        f"not take: {why}. To train on it, {INSTALL[kind]}. To train on the CPU on purpose, pass "
+        "--allow_cpu (or set JAX_PLATFORMS=cpu)."
+    )
+
+
+def check_backend(allow_cpu: bool = False) -> None:
+    """Refuse to run on the CPU beside an accelerator JAX did not take (see idle_accelerator),
+    unless `allow_cpu`; call it before anything compiles."""
+    if allow_cpu:
+        return
+    problem = idle_accelerator(
+        jax.default_backend(), host_accelerators(), os.environ, installed_plugins()
+    )
+    if problem:
+        raise UsageError(problem)

@@ -135,3 +135,71 @@ def test_an_accelerator_process_with_too_few_input_cores_is_warned():
     assert cluster.few_input_cores(16, 8, "gpu") is None
     assert cluster.few_input_cores(2, 4, "tpu") is not None
     assert cluster.few_input_cores(1, 8, "cpu") is None  # CPU devices share the host's cores
+
+
+def _host(root, *paths, pci=None):
+    """A fake host file system under `root`: empty files at `paths`, and PCI devices
+    {name: (vendor, class)}."""
+    for p in paths:
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        (root / p).write_text("")
+    for name, (vendor, cls) in (pci or {}).items():
+        d = root / "sys/bus/pci/devices" / name
+        d.mkdir(parents=True)
+        (d / "vendor").write_text(vendor + "\n")
+        (d / "class").write_text(cls + "\n")
+    return str(root)
+
+
+def test_host_accelerators_are_read_from_the_file_system(tmp_path):
+    none = lambda name: None
+    assert cluster.host_accelerators(_host(tmp_path / "bare"), none) == {}
+    bridge = {"0000:00:01.0": ("0x10de", "0x068000"), "0000:00:02.0": ("0x8086", "0x030000")}
+    assert cluster.host_accelerators(_host(tmp_path / "nic", pci=bridge), none) == {}
+    gpu = _host(tmp_path / "gpu", "dev/nvidia0", "dev/nvidia1", "dev/nvidiactl")
+    assert cluster.host_accelerators(gpu, none) == {"gpu": "/dev/nvidia0"}
+    driver = _host(tmp_path / "driver", "proc/driver/nvidia/version")
+    assert cluster.host_accelerators(driver, none) == {"gpu": "/proc/driver/nvidia/version"}
+    pci = {"0000:3b:00.0": ("0x10de", "0x030200")}
+    assert cluster.host_accelerators(_host(tmp_path / "pci", pci=pci), none) == {
+        "gpu": "PCI device 0000:3b:00.0"
+    }
+    smi = cluster.host_accelerators(_host(tmp_path / "smi"), lambda n: f"/usr/bin/{n}")
+    assert smi == {"gpu": "/usr/bin/nvidia-smi"}
+    tpu = {"0000:00:04.0": ("0x1ae0", "0x120000")}  # a TPU v5e chip
+    assert cluster.host_accelerators(_host(tmp_path / "tpu", pci=tpu), none) == {
+        "tpu": "PCI device 0000:00:04.0"
+    }
+    v4 = cluster.host_accelerators(_host(tmp_path / "v4", "dev/accel0"), none)
+    assert v4 == {"tpu": "/dev/accel0"}
+
+
+def test_the_cpu_beside_an_idle_accelerator_is_refused_in_one_line():
+    gpu, tpu = {"gpu": "/dev/nvidia0"}, {"tpu": "/dev/accel0"}
+    problem = cluster.idle_accelerator("cpu", gpu, {})
+    assert len(problem.splitlines()) == 1
+    assert "NVIDIA GPU (/dev/nvidia0)" in problem and "JAX's CPU build is installed" in problem
+    assert 'pip install -c constraints.txt -e ".[cuda12]"' in problem and "--allow_cpu" in problem
+    plugin = cluster.idle_accelerator("cpu", gpu, {}, {"xla_cuda12"})
+    assert "xla_cuda12 plugin is installed but did not start" in plugin
+    on_tpu = cluster.idle_accelerator("cpu", tpu, {}, {"xla_cuda12"})
+    assert '-e ".[tpu]"' in on_tpu and "CPU build" in on_tpu
+    # What is not an oversight: JAX on the accelerator, the CPU chosen, the GPUs hidden, none.
+    assert cluster.idle_accelerator("gpu", gpu, {}) is None
+    assert cluster.idle_accelerator("tpu", tpu, {}) is None
+    assert cluster.idle_accelerator("cpu", gpu, {"JAX_PLATFORMS": "cpu"}) is None
+    assert cluster.idle_accelerator("cpu", gpu, {"CUDA_VISIBLE_DEVICES": ""}) is None
+    assert cluster.idle_accelerator("cpu", tpu, {"CUDA_VISIBLE_DEVICES": ""}) is not None
+    assert cluster.idle_accelerator("cpu", {}, {}) is None
+
+
+def test_check_backend_refuses_unless_allowed(monkeypatch):
+    monkeypatch.setattr(cluster, "host_accelerators", lambda: {"gpu": "/dev/nvidia0"})
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert jax.default_backend() == "cpu"
+    with pytest.raises(UsageError, match="JAX computes on the CPU, but this host has an NVIDIA"):
+        cluster.check_backend()
+    cluster.check_backend(allow_cpu=True)
+    monkeypatch.setattr(cluster, "host_accelerators", lambda: {})
+    cluster.check_backend()  # a host without an accelerator trains on its CPU as ever

@@ -207,3 +207,41 @@ def test_eval_mode_from_the_command_line(trained_on_4x2, tmp_path):
     r = launch(tmp_path / "run", "--mode=eval", "--step=2", *tiny_flags())
     assert r.returncode == 2 and "No checkpoint at step 2" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+FAKE_GPU_HOST = """
+import runpy, sys
+from alexnet_jax import cluster
+
+cluster.host_accelerators = lambda: {"gpu": "/dev/nvidia0"}  # what a GPU host's files show
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def test_a_gpu_host_running_jax_on_its_cpu_stops_before_compiling(tmp_path):
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES")
+    }
+    args = [
+        "--config=configs/digits.py",
+        f"--workdir={tmp_path / 'run'}",
+        "--compilation_cache_dir=",
+    ]
+    run = lambda *more: subprocess.run(
+        [sys.executable, "-c", FAKE_GPU_HOST, *args, *more],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    r = run()
+    assert r.returncode == 2, r.stderr[-2000:]
+    error = [line for line in r.stderr.splitlines() if line.startswith("launch.py: error:")]
+    assert len(error) == 1 and "NVIDIA GPU (/dev/nvidia0)" in error[0] and "[cuda12]" in error[0]
+    assert "1 local cpu device(s) [0] (cpu), 1 in all" in r.stderr  # the first line says so
+    assert not (tmp_path / "run").exists()
+    # On purpose: past the check, to the config's own check of num_train_steps.
+    r = run("--allow_cpu", "--config.num_train_steps=0")
+    assert r.returncode == 2 and "num_train_steps=0" in r.stderr and "NVIDIA" not in r.stderr
