@@ -15,6 +15,8 @@ included.
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +26,19 @@ from jax import lax
 # Paper section 3.3 (alpha is not divided by n).
 LRN_K, LRN_N, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
 PLAIN_CHOICES = ("lrn", "pool")  # what AlexNet(plain_ops=...) may trace plainly
-# model.fast_ops='auto': the ops whose custom backward passes run, per backend. The CPU's was
-# measured; GPU's and TPU's follow from how XLA lowers the plain gradients (docs/performance.md):
-# LRN's is a float32 matmul at HIGHEST precision (several bfloat16 passes on a TPU), pooling's a
-# select-and-scatter (on GPUs an unfused kernel scattering with atomics, which
-# --xla_gpu_deterministic_ops refuses); the custom ones are slices, selects and adds that every
-# backend fuses. benchmarks/train_step.py --against_plain_ops measures the choice on a device.
-AUTO_FAST = {"cpu": PLAIN_CHOICES, "gpu": PLAIN_CHOICES, "tpu": PLAIN_CHOICES}
+# model.fast_ops='auto': the ops whose custom backward passes run, per backend, with the evidence
+# for each choice: fast_ops.json beside this file, which a measured run rewrites
+# (benchmarks/accelerator.py --parts=step --record_fast_ops; docs/performance.md).
+FAST_OPS_TABLE = Path(__file__).with_name("fast_ops.json")
+
+
+def read_fast_ops(path: Path = FAST_OPS_TABLE) -> dict[str, tuple[str, ...]]:
+    """{backend: the ops whose custom backward passes run there} from the table at `path`."""
+    table = json.loads(path.read_text())
+    return {backend: tuple(row["fast"]) for backend, row in table.items()}
+
+
+AUTO_FAST = read_fast_ops()
 FAST_CHOICES = ("auto", "all", "none", *PLAIN_CHOICES)
 
 
@@ -90,10 +98,11 @@ def lrn(x: jax.Array, towers: int) -> jax.Array:
 
 
 def _lrn_forward(x: jax.Array, towers: int) -> tuple[jax.Array, tuple]:
+    like = jnp.zeros((), x.dtype)  # the input's dtype, which its gradient takes
     x = x.astype(jnp.float32)
     d = LRN_K + LRN_ALPHA * channel_window_sum(x * x, towers)
     p = _power(d)
-    return x * p, (x, p, d)
+    return x * p, (x, p, d, like)
 
 
 def _power(d: jax.Array) -> jax.Array:
@@ -108,9 +117,11 @@ def _power(d: jax.Array) -> jax.Array:
 def _lrn_bwd(towers: int, res: tuple, g: jax.Array) -> tuple[jax.Array]:
     # y_i = x_i d_i^-beta with d_i = k + alpha sum_{j near i} x_j^2; the window is symmetric:
     # dx_m = g_m p_m - 2 alpha beta x_m sum_{i near m} g_i x_i p_i / d_i.
-    x, p, d = res
+    # Computed in float32 and rounded once to the input's dtype, as JAX's own gradient of
+    # plain_lrn is: a bfloat16 model's backward convolutions stay bfloat16.
+    x, p, d, like = res
     t = channel_window_sum(g * x * p / d, towers)
-    return (g * p - (2 * LRN_ALPHA * LRN_BETA) * x * t,)
+    return ((g * p - (2 * LRN_ALPHA * LRN_BETA) * x * t).astype(like.dtype),)
 
 
 lrn.defvjp(_lrn_forward, _lrn_bwd)

@@ -138,33 +138,130 @@ def test_the_pytorch_comparison_checks_logits_then_times_interleaved_rounds():
     assert out["others_malloc"] == "system"  # each other framework in a process of its own
 
 
-@pytest.mark.slow  # compiles the step five times, prepares photographs, runs the loop
-def test_the_accelerator_benchmark_writes_every_field(tmp_path):
-    from alexnet_jax import config_checks
+def accelerator(out, *args, blocked=False, code=None):
+    """benchmarks/accelerator.py with `args`, writing into `out`: in a process that cannot
+    import anything beyond JAX's stack (`blocked`), or after `code` ran in it."""
+    script = str(REPO / "benchmarks/accelerator.py")
+    argv = [script, f"--out={out}", *args]
+    if blocked:
+        cmd = [sys.executable, str(REPO / "tests/jax_stack_only.py"), *argv]
+    elif code:
+        run = "import runpy, sys\nsys.argv = sys.argv[1:]\n"
+        run += "runpy.run_path(sys.argv[0], run_name='__main__')"
+        cmd = [sys.executable, "-c", f"{code}\n{run}", *argv]
+    else:
+        cmd = [sys.executable, *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
 
-    args = ["--tiny", "--per_device=2", "--dtypes=float32", "--steps=1", "--loop_steps=2"]
-    args.append("--input_images=16")
-    r = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/accelerator.py"), f"--out={tmp_path}", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+@pytest.mark.slow  # the checks and five compiles of the step, in a subprocess
+def test_the_device_check_runs_with_jax_stack_alone(tmp_path):
+    """--parts=checks,step as on a GPU image without TensorFlow: every check passes here, and
+    the step's figures and each choice of fast ops are in the JSON."""
+    args = ["--parts=checks,step", "--tiny", "--per_device=2", "--steps=1"]
+    r = accelerator(tmp_path, *args, blocked=True)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "accelerator.json").read_text())
-    assert result["devices"]["devices"] == 2 and result["devices"]["backend"] == "cpu"
+    assert result["parts"] == ["checks", "step"] and "input" not in result
+    checks = {c["name"]: c for c in result["checks"]}
+    assert len(checks) == 14 and all(c["passed"] for c in checks.values())
+    assert "towers split over mesh (1, 2) against one device: loss, gradients, updates" in checks
+    printed = [line for line in r.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))]
+    assert len(printed) == 14 and all(line.startswith("PASS ") for line in printed)
     steps = result["train_step"]
-    settings = {(s["dtype"], s["per_device_batch"], s["fast_ops"]) for s in steps}
-    assert settings == {("float32", 2, "auto"), ("float32", 2, "none")}
+    settings = {(s["dtype"], s["fast_ops"]) for s in steps}
+    assert settings == {("float32", "auto"), ("bfloat16", "auto")} | {
+        ("bfloat16", f) for f in ("lrn", "pool", "none")
+    }
     for s in steps:
         assert s["images_per_sec"] > 0 and 0 < s["mfu"] < 1 and s["memory_bytes_per_device"] > 0
         assert s["images_per_sec_per_device"] == pytest.approx(s["images_per_sec"] / 2)
+    choice = result["fast_ops"]
+    assert set(choice["images_per_sec"]) == {"all", "lrn", "pool", "none"}
+    assert choice["fastest"] == max(choice["images_per_sec"], key=choice["images_per_sec"].get)
+    table = (tmp_path / "accelerator.md").read_text()
+    assert "| LRN gradient, bfloat16 | PASS |" in table and "| bfloat16 | 2 | none |" in table
+
+
+# ops.lrn with the cross-channel term of its gradient left out.
+WRONG_LRN_GRADIENT = """
+import functools, jax
+from alexnet_jax import ops
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def lrn(x, towers):
+    return ops._lrn_forward(x, towers)[0]
+
+lrn.defvjp(ops._lrn_forward, lambda towers, res, g: (g * res[1],))
+ops.lrn = lrn
+"""
+
+
+@pytest.mark.slow  # the checks, in a subprocess
+def test_a_wrong_lrn_gradient_fails_the_device_check(tmp_path):
+    r = accelerator(tmp_path, "--parts=checks", "--tiny", code=WRONG_LRN_GRADIENT)
+    assert r.returncode == 1, r.stderr[-3000:]
+    failed = [line for line in r.stdout.splitlines() if line.startswith("FAIL ")]
+    assert [f.split(":")[0] for f in failed] == [
+        "FAIL LRN gradient, float32",
+        "FAIL LRN gradient, bfloat16",
+    ]
+    assert "PASS LRN values, float32" in r.stdout
+    assert "2 check(s) FAILED" in r.stderr
+    checks = json.loads((tmp_path / "accelerator.json").read_text())["checks"]
+    assert sum(not c["passed"] for c in checks) == 2  # the JSON is written all the same
+
+
+def test_the_accelerator_benchmark_refuses_in_one_line(tmp_path):
+    r = accelerator(tmp_path, "--parts=checks,bogus")
+    assert r.returncode == 2 and "--parts=checks,bogus: choose from checks" in r.stderr
+    r = accelerator(tmp_path, "--parts=step", "--tiny", "--record_fast_ops")
+    assert r.returncode == 2 and "not with --tiny" in r.stderr
+    r = accelerator(tmp_path, "--parts=checks")  # full sizes, on this CPU
+    assert r.returncode == 2, r.stderr[-2000:]
+    error = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "JAX computes on the CPU here" in error[0] and "--tiny" in error[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_fastest_choice_of_fast_ops_is_recorded_in_the_table(tmp_path):
+    from alexnet_jax import ops
+    from benchmarks import accelerator as bench
+
+    rows = [
+        {"dtype": "bfloat16", "per_device_batch": 256, "fast_ops": f, "images_per_sec": v}
+        for f, v in (("auto", 900.0), ("lrn", 1000.0), ("pool", 800.0), ("none", 700.0))
+    ]
+    rows.append(
+        {"dtype": "float32", "per_device_batch": 128, "fast_ops": "auto", "images_per_sec": 5.0}
+    )
+    choice = bench.fast_ops_choice(rows, "gpu")  # auto on a GPU: both fast, as the table says
+    assert choice["images_per_sec"] == {"all": 900.0, "lrn": 1000.0, "pool": 800.0, "none": 700.0}
+    assert choice["fastest"] == "lrn" and choice["fast"] == ["lrn"]
+    assert bench.fast_ops_choice(rows[1:], "gpu") is None  # a choice not timed: none made
+    table = tmp_path / "fast_ops.json"
+    table.write_text(ops.FAST_OPS_TABLE.read_text())
+    assert ops.read_fast_ops(table)["gpu"] == ("lrn", "pool")
+    bench.record_fast_ops(choice, "gpu", "NVIDIA H100 80GB HBM3", table)
+    recorded = ops.read_fast_ops(table)
+    assert recorded["gpu"] == ("lrn",) and recorded["cpu"] == ops.AUTO_FAST["cpu"]
+    assert "measured on NVIDIA H100 80GB HBM3" in json.loads(table.read_text())["gpu"]["evidence"]
+
+
+@pytest.mark.slow  # prepares photographs, times both loaders, runs the loop
+def test_the_accelerator_benchmark_measures_the_input_and_the_loop(tmp_path):
+    from alexnet_jax import config_checks
+
+    args = ["--parts=input,loop", "--tiny", "--per_device=2", "--loop_steps=2"]
+    r = accelerator(tmp_path, *args, "--input_images=16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "accelerator.json").read_text())
+    assert result["devices"]["devices"] == 2 and result["devices"]["backend"] == "cpu"
     loaders = [i["loader"] for i in result["input"]]
     assert loaders == ["tf.data"] + (["dali"] if config_checks.dali_available() else [])
     assert all(i["images_per_sec"] > 0 and i["threads"] >= 1 for i in result["input"])
     assert result["loop"]["steps"] == 2 and 0 <= result["loop"]["data_wait_fraction"] <= 1
-    table = (tmp_path / "accelerator.md").read_text()
-    assert "| float32 | 2 | none |" in table and "launch.py's loop" in table
+    assert "launch.py's loop" in (tmp_path / "accelerator.md").read_text()
 
 
 def test_published_peaks_are_found_by_device_kind():

@@ -104,9 +104,58 @@ def test_the_model_traces_the_plain_definitions_it_is_given_only():
         AlexNet(fast_ops="some")
 
 
-def test_fast_ops_auto_is_a_choice_per_backend():
+BFLOAT16_ROUNDING = 2.0**-7  # benchmarks/device_checks.py holds a device to the same
+
+
+def test_bfloat16_lrn_and_pooling_gradients_within_one_rounding():
+    """In bfloat16 the custom gradients equal the plain ones up to one rounding: LRN computes
+    in float32 and rounds once; an input that is the maximum of overlapping windows adds their
+    gradients in another order."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(6), 3)
+    x = (60.0 * jax.random.normal(k1, (2, 9, 9, 16))).astype(jnp.bfloat16)
+    g = jax.random.normal(k2, x.shape)
+    grad = jax.grad(lambda x: jnp.sum(ops.lrn(x, 2) * g))(x)
+    want = jax.grad(lambda x: jnp.sum(plain_lrn(x, 2) * g))(x)
+    assert grad.dtype == want.dtype == jnp.bfloat16
+    assert _rel(grad.astype(jnp.float32), want.astype(jnp.float32)) < BFLOAT16_ROUNDING
+    x = jax.random.randint(k3, (2, 13, 13, 3), 0, 3).astype(jnp.bfloat16)  # ties
+    g = jax.random.uniform(k2, (2, 6, 6, 3), minval=1.0, maxval=2.0).astype(jnp.bfloat16)
+    grad = jax.grad(lambda x: jnp.sum(ops.max_pool(x, 3, 2) * g).astype(jnp.float32))(x)
+    want = jax.grad(lambda x: jnp.sum(plain_pool(x, 3, 2) * g).astype(jnp.float32))(x)
+    grad, want = np.asarray(grad, np.float32), np.asarray(want, np.float32)
+    assert np.count_nonzero(want) > 0
+    assert np.max(np.abs(grad - want) / (1 + np.abs(want))) < BFLOAT16_ROUNDING
+
+
+def test_fast_ops_auto_reads_the_table_beside_ops():
+    import json
+
+    table = json.loads(ops.FAST_OPS_TABLE.read_text())
+    assert set(table) == {"cpu", "gpu", "tpu"} and all(row["evidence"] for row in table.values())
+    assert ops.AUTO_FAST == ops.read_fast_ops() == {k: tuple(v["fast"]) for k, v in table.items()}
+
+
+def test_fast_ops_auto_is_a_choice_per_backend(monkeypatch):
     assert ops.plain_for("auto", "cpu") == ()  # both measured faster on XLA:CPU
     assert ops.plain_for("auto", "gpu") == ops.plain_for("auto", "tpu") == ()
     assert ops.plain_for("none", "gpu") == ("lrn", "pool")
     assert ops.plain_for("pool", "tpu") == ("lrn",)
     assert ops.plain_for("all", "cpu") == ()
+    monkeypatch.setitem(ops.AUTO_FAST, "gpu", ("lrn",))  # as a measured run may record
+    assert ops.plain_for("auto", "gpu") == ("pool",) and ops.plain_for("auto", "cpu") == ()
+
+
+def test_a_bfloat16_model_differentiates_its_convolutions_in_bfloat16():
+    """LRN's gradient takes its input's dtype, so the convolutions behind it stay bfloat16 in
+    the backward pass (a float32 gradient from LRN made five of them float32)."""
+    from alexnet_jax.model import AlexNet
+
+    x = jnp.ones((2, 67, 67, 3))
+    for fast_ops in ("all", "none"):
+        model = AlexNet(num_classes=10, width=0.125, dtype="bfloat16", fast_ops=fast_ops)
+        params = model.init(jax.random.PRNGKey(0), x)["params"]
+        loss = lambda p: jnp.sum(model.apply({"params": p}, x).astype(jnp.float32))  # noqa: B023
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+        convs = [line for line in jaxpr.splitlines() if "= conv_general_dilated" in line]
+        assert len(convs) > 10  # the forward convolutions and their two gradients
+        assert all(":bf16[" in line for line in convs), fast_ops
