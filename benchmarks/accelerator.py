@@ -25,7 +25,7 @@ Writes DIR/accelerator.json and DIR/accelerator.md (and prints the table). --par
 checks and step need only jax, flax, optax, orbax-checkpoint, absl-py, ml-collections and numpy
 (docs/clusters.md); input and loop need the project's whole install. Each device's peak memory
 as the backend reports it ends the JSON. On a CPU the full sizes would take about 20 GB and most
-of an hour: there it runs with --tiny only.
+of an hour: there it runs with --tiny, or --allow_cpu and small --per_device batches.
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ def _define_flags() -> None:
         "into alexnet_jax/fast_ops.json (model.fast_ops=auto's table).",
     )
     flags.DEFINE_bool("tiny", False, "Tiny sizes (1/16 width, 67x67, small batches): CI.")
+    flags.DEFINE_bool(
+        "allow_cpu", False, "The real model on a CPU on purpose (give small --per_device)."
+    )
     flags.DEFINE_list("per_device", ["128", "256", "512"], "Per-device batches.")
     flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
     flags.DEFINE_integer("steps", 10, "Timed train steps per setting.")
@@ -354,16 +357,21 @@ def refusal(parts: list[str]) -> str | None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
         return f"--parts={','.join(parts)}: choose from {', '.join(PARTS)}"
-    if FLAGS.record_fast_ops and (FLAGS.tiny or "step" not in parts):
-        return "--record_fast_ops records the step part's full-size measurement: not with --tiny"
-    if FLAGS.tiny or jax.default_backend() != "cpu":
+    on_cpu = jax.default_backend() == "cpu"
+    if FLAGS.record_fast_ops and (FLAGS.tiny or on_cpu or "step" not in parts):
+        return (
+            "--record_fast_ops records the step part's measurement on a GPU or TPU: not with "
+            "--tiny or on the CPU, whose row comes from benchmarks/train_step.py's interleaved "
+            "rounds (docs/performance.md)"
+        )
+    if FLAGS.tiny or FLAGS.allow_cpu or not on_cpu:
         return None
     return cluster.idle_accelerator(
         "cpu", cluster.host_accelerators(), os.environ, cluster.installed_plugins()
     ) or (
         f"JAX computes on the CPU here ({jax.device_count()} cpu device(s)): at a GPU's sizes "
-        "this would take about 20 GB and most of an hour. Run it on a GPU or TPU host, or add "
-        "--tiny for a CPU's sizes."
+        "this would take about 20 GB and most of an hour. Run it on a GPU or TPU host, add "
+        "--tiny for a CPU's sizes, or --allow_cpu with small --per_device batches."
     )
 
 

@@ -105,3 +105,39 @@ def test_the_readme_test_command_is_what_ci_runs():
     command = re.search(r"^python3 -m venv \.venv && .*-e \"\.\[test\]\".*$", readme, re.M)
     assert command is not None
     assert command[0] in (REPO / ".ci" / "run").read_text()
+
+
+def _pins() -> dict[str, str]:
+    """constraints.txt as {normalised name: version}."""
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    return {norm(n): v for n, v in (x.split("==") for x in lines if "==" in x)}
+
+
+def test_the_accelerator_extras_are_pinned_to_what_the_pinned_jax_names():
+    """pyproject's cuda12, cuda13 and tpu extras are jax's, and constraints.txt pins every
+    package jax's extra asks for (plugin, libtpu) at a version it accepts."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = extras["optional-dependencies"]
+    pins = _pins()
+    assert metadata.version("jax") == pins["jax"]
+    checked = []
+    for extra in ("cuda12", "cuda13", "tpu"):
+        assert [Requirement(r).extras for r in extras[extra]] == [{extra}]
+        for text in metadata.requires("jax"):
+            req = Requirement(text)
+            if req.marker is None or not req.marker.evaluate({"extra": extra}):
+                continue
+            name = re.sub(r"[-_.]+", "-", req.name).lower()
+            assert name in pins, f"constraints.txt does not pin {name} (jax[{extra}])"
+            assert req.specifier.contains(pins[name]), (extra, name, pins[name], req.specifier)
+            checked.append(name)
+    assert {"jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu"} <= set(checked)
+    # The plugins' own PJRT, at their version.
+    assert pins["jax-cuda12-pjrt"] == pins["jax-cuda12-plugin"] == pins["jax"]
+    assert pins["jax-cuda13-pjrt"] == pins["jax-cuda13-plugin"] == pins["jax"]

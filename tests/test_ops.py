@@ -104,13 +104,15 @@ def test_the_model_traces_the_plain_definitions_it_is_given_only():
         AlexNet(fast_ops="some")
 
 
-BFLOAT16_ROUNDING = 2.0**-7  # benchmarks/device_checks.py holds a device to the same
+# benchmarks/device_checks.py holds a device to the same.
+BFLOAT16_ROUNDING = 2.0**-7  # one rounding of bfloat16, relative
+POOL_BFLOAT16 = 4 * BFLOAT16_ROUNDING  # up to four overlapping windows' gradients, added
 
 
-def test_bfloat16_lrn_and_pooling_gradients_within_one_rounding():
-    """In bfloat16 the custom gradients equal the plain ones up to one rounding: LRN computes
-    in float32 and rounds once; an input that is the maximum of overlapping windows adds their
-    gradients in another order."""
+def test_bfloat16_lrn_and_pooling_gradients_within_rounding():
+    """In bfloat16 LRN's custom gradient equals the plain one up to one rounding (both compute
+    in float32 and round once); pooling's up to four, as an input that is the maximum of up to
+    four overlapping windows adds their gradients in another order than XLA."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(6), 3)
     x = (60.0 * jax.random.normal(k1, (2, 9, 9, 16))).astype(jnp.bfloat16)
     g = jax.random.normal(k2, x.shape)
@@ -124,7 +126,7 @@ def test_bfloat16_lrn_and_pooling_gradients_within_one_rounding():
     want = jax.grad(lambda x: jnp.sum(plain_pool(x, 3, 2) * g).astype(jnp.float32))(x)
     grad, want = np.asarray(grad, np.float32), np.asarray(want, np.float32)
     assert np.count_nonzero(want) > 0
-    assert np.max(np.abs(grad - want) / (1 + np.abs(want))) < BFLOAT16_ROUNDING
+    assert np.max(np.abs(grad - want) / (1 + np.abs(want))) < POOL_BFLOAT16
 
 
 def test_fast_ops_auto_reads_the_table_beside_ops():
