@@ -1,8 +1,8 @@
 """What a run reports: metric sums gathered as steps are dispatched, their means, the lines of
 metrics.jsonl and TensorBoard, and the console's log lines.
 
-TensorFlow, which writes the TensorBoard events, is imported by the writer of process 0 only:
-the steps use this module's sums on images that have no TensorFlow."""
+TensorFlow, which writes TensorBoard's events, is imported where they are written (process 0's
+MetricsWriter) and nowhere else: the steps sum their metrics here on GPU images without it."""
 
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ def test_processes_agree_on_the_stop_through_the_key_value_store_not_a_barrier(m
         raise AssertionError("the stop check waited for every process")
 
     me = {"index": 0}
-    monkeypatch.setattr(lifecycle.distributed.global_state, "client", Client())
+    monkeypatch.setattr(lifecycle, "distributed_client", Client)
     monkeypatch.setattr(lifecycle.multihost_utils, "process_allgather", barrier)
     monkeypatch.setattr(lifecycle.jax, "process_count", lambda: 2)
     monkeypatch.setattr(lifecycle.jax, "process_index", lambda: me["index"])
@@ -152,6 +152,19 @@ def test_processes_agree_on_the_stop_through_the_key_value_store_not_a_barrier(m
     assert first.should_stop(20) and first.received == "a signal to process 1"
     me["index"] = 1
     assert second.should_stop(20) and second.received == "SIGTERM"
+
+
+def test_the_key_value_store_is_where_jax_keeps_it(monkeypatch):
+    """The package's one private JAX name (lifecycle.distributed_client): this fails by name
+    when a JAX release moves jax.distributed's client, before a multi-process run would."""
+    from jax._src import distributed
+
+    assert hasattr(distributed, "global_state") and hasattr(distributed.global_state, "client")
+    with pytest.raises(RuntimeError, match="jax.distributed is not initialized"):
+        lifecycle.distributed_client()  # one process here: no client
+    client = object()
+    monkeypatch.setattr(distributed.global_state, "client", client)
+    assert lifecycle.distributed_client() is client
 
 
 def test_a_second_ctrl_c_exits_at_once():
@@ -297,10 +310,12 @@ def test_a_gs_workdir_reaches_every_writer_as_a_url(tmp_path, monkeypatch):
     """A run with --workdir=gs://bucket/run, its gs:// traffic sent to tmp_path/bucket: Orbax,
     TensorBoard, metrics.jsonl and the statistics cache each get the URL (Orbax's array
     writes go through TensorStore, so its directory is redirected after it is recorded)."""
-    from alexnet_jax import checkpoint, metrics
+    import tensorflow as tf
+
+    from alexnet_jax import checkpoint
 
     seen = {}
-    real_manager, real_tb = checkpoint.ocp.CheckpointManager, metrics.tf.summary.create_file_writer
+    real_manager, real_tb = checkpoint.ocp.CheckpointManager, tf.summary.create_file_writer
 
     def manager(directory, **kw):
         seen["orbax"] = os.fspath(directory)
@@ -311,7 +326,7 @@ def test_a_gs_workdir_reaches_every_writer_as_a_url(tmp_path, monkeypatch):
         return real_tb(logdir.replace("gs://", f"{tmp_path}/"), *a, **kw)
 
     monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", manager)
-    monkeypatch.setattr(metrics.tf.summary, "create_file_writer", tb)
+    monkeypatch.setattr(tf.summary, "create_file_writer", tb)
     monkeypatch.chdir(tmp_path)  # a URL mangled into a relative path would land here
     # With TensorFlow installed etils sends gs:// to tf.io.gfile, around mock_epath's backend.
     monkeypatch.setattr(epath_gpath, "_is_tf_installed", lambda: False)
