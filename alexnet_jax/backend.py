@@ -1,5 +1,6 @@
 """What to set before JAX starts a backend, and how far the host may run ahead of it: XLA's
-flags, glibc's malloc, the persistent compilation cache and the dispatch depth.
+flags, glibc's malloc, TensorFlow kept off the GPUs, the persistent compilation cache and the
+dispatch depth.
 
 Imports no JAX: launch.py, the tests and the benchmarks call `prepare_backend` before anything
 starts a backend, as XLA reads its flags and glibc its arena settings only once.
@@ -84,12 +85,30 @@ def _mallopt(param: int, value: int) -> bool:
 
 def prepare_backend(cpu_flags: bool = True, malloc: bool = True) -> bool:
     """Everything to set before a backend starts: our XLA flags (the CPU's only when JAX will
-    compute on the CPU, and `cpu_flags`) and `keep_freed_memory` (unless `malloc` is False),
-    for XLA's buffers too when JAX computes on the CPU. Returns whether freed memory is now
-    kept."""
+    compute on the CPU, and `cpu_flags`), `keep_freed_memory` (unless `malloc` is False), for
+    XLA's buffers too when JAX computes on the CPU, and `hide_gpus_from_tensorflow`. Returns
+    whether freed memory is now kept."""
     on_cpu = runs_on_cpu(os.environ)
     set_xla_flags(cpu_flags and on_cpu)
-    return malloc and keep_freed_memory(xla_buffers=on_cpu)
+    kept = malloc and keep_freed_memory(xla_buffers=on_cpu)
+    hide_gpus_from_tensorflow()  # after malloc's settings: importing TensorFlow starts threads
+    return kept
+
+
+def hide_gpus_from_tensorflow() -> bool:
+    """Keep TensorFlow, which is only the host's input pipeline, off the GPUs' memory (a
+    TensorFlow build with CUDA would otherwise reserve it), before its runtime starts. Where
+    TensorFlow is not installed (a device check with JAX's stack alone) there is nothing to
+    hide; returns whether TensorFlow was told."""
+    if util.find_spec("tensorflow") is None:
+        return False
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # its runtime started earlier in this process: as it is by now
+        return False
+    return True
 
 
 def compilation_cache_dir(path: str) -> str | None:

@@ -300,7 +300,7 @@ def compute_stats(split: Split, resize_size: int, max_images: int) -> Stats:
         return square, tf.matmul(pixels, pixels, transpose_a=True)
 
     ds = split.epoch(0, 0, 0).take(max_images).map(moments, parallelism(None))
-    ds = _threads(ds, None)
+    ds = on_threads(ds, None)
     total, outer, count = np.zeros((resize_size, resize_size, 3)), np.zeros((3, 3)), 0
     for s, o in iterate(ds, split):  # an undecodable image is named, not a TF traceback
         total, outer, count = total + s, outer + o, count + 1
@@ -387,7 +387,7 @@ def parallelism(threads: int | None) -> int:
     return threads or os.cpu_count() or 1
 
 
-def _threads(ds: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
+def on_threads(ds: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
     """Run `ds` on a pool of `threads` (None: tf.data's default, every core of the host), with
     tf.data's autotuner off: destroying an iterator waits for the autotuner's thread, which
     at the end of a stream could hold up the loop's last `next` for tens of seconds.
@@ -475,7 +475,7 @@ def train_dataset(
         return {**finish(images, offsets, flips, shifts, preprocess), "labels": labels}
 
     ds = ds.map(prepare, num_parallel_calls=parallelism(threads), deterministic=True)
-    return _threads(ds.take(num_steps - start_step).prefetch(PREFETCH_BATCHES), threads)
+    return on_threads(ds.take(num_steps - start_step).prefetch(PREFETCH_BATCHES), threads)
 
 
 def eval_dataset(
@@ -524,7 +524,7 @@ def eval_dataset(
     ds = ds.map(prepare, num_parallel_calls=parallelism(threads), deterministic=True)
     local = batch_size if rows is None else len(rows)
     ds = ds.batch(local, drop_remainder=True).prefetch(PREFETCH_BATCHES)
-    return _threads(ds, threads)
+    return on_threads(ds, threads)
 
 
 def iterate(ds: tf.data.Dataset, split: Split) -> Iterator[dict[str, np.ndarray]]:
@@ -559,7 +559,7 @@ def undecodable(split: Split) -> list[int]:
     """The keys of every example of a random-access `split` that fails to decode: a parallel
     decoding pass that drops the failures, then the difference."""
     decodes = lambda key: (key, tf.shape(split.decode(key)[0]))
-    ds = _threads(split.epoch(0, 0, 0).map(decodes, num_parallel_calls=parallelism(None)), None)
+    ds = on_threads(split.epoch(0, 0, 0).map(decodes, num_parallel_calls=parallelism(None)), None)
     good = {int(k) for k, _ in ds.ignore_errors().as_numpy_iterator()}
     return sorted(set(range(split.size)) - good)
 

@@ -28,7 +28,6 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from jax._src import distributed  # the key-value store of jax.distributed
 from jax.experimental import multihost_utils
 
 from alexnet_jax.errors import UsageError
@@ -86,7 +85,7 @@ class StopOnSignal:
             return self.received is not None
         if step % AGREE_EVERY_STEPS:
             return False
-        client = distributed.global_state.client
+        client = distributed_client()
         me = jax.process_index()
         if self.received is not None and not self._proposed:
             client.key_value_set(self._key + str(me), str(step + AGREE_EVERY_STEPS))
@@ -101,6 +100,18 @@ class StopOnSignal:
         if self.received is None:
             self.received = f"a signal to process {due[0]}"
         return True
+
+
+def distributed_client():
+    """The key-value store of jax.distributed, which the processes of a run share. JAX has no
+    public name for it: this is the package's one reach into jax._src, and
+    tests/test_lifecycle.py fails by name if JAX moves it."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialized: no key-value store to share")
+    return client
 
 
 # ------------------------------------------------------------------------------- the workdir

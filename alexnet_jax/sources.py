@@ -25,9 +25,6 @@ from absl import logging
 from alexnet_jax import staging
 from alexnet_jax.errors import UsageError
 
-# TensorFlow is only the host-side input pipeline: keep it off the accelerators' memory.
-tf.config.set_visible_devices([], "GPU")
-
 DATASETS = ("digits", "imagenet2012", "imagenet2012_paper256", "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -232,13 +229,13 @@ def _jpeg(raw: tf.Tensor, fancy_upscaling: bool = True) -> tf.Tensor:
 
 
 # The two features of a TFDS imagenet2012 (or paper-256) tf.train.Example this project reads.
-_EXAMPLE_SPEC = {
+EXAMPLE_SPEC = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.int64),
 }
 
 
-class _ArrayRecordRows:
+class ArrayRecordRows:
     """Records of a split's array_record shards by index, a batch of them per call, read
     straight from array_record's readers a record at a time. Each single-record read runs
     without Python's lock, so the stream's threads read in parallel; array_record's batched
@@ -275,7 +272,7 @@ class _ArrayRecordRows:
         return out
 
 
-def _array_record_files(builder: Any, name: str) -> list[Any] | None:
+def array_record_files(builder: Any, name: str) -> list[Any] | None:
     """The array_record shards of split `name` as TFDS describes them, if it does."""
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
         return None
@@ -285,7 +282,7 @@ def _array_record_files(builder: Any, name: str) -> list[Any] | None:
         return None
 
 
-def _tfds_random_access(
+def tfds_random_access(
     builder: Any, name: str, shuffle: bool, fancy_upscaling: bool = True
 ) -> Split:
     """array_record: read only the records this process needs, in any order, a batch of them
@@ -295,15 +292,15 @@ def _tfds_random_access(
     # Raises NotImplementedError where the split is not stored for random access (TFRecord).
     source = builder.as_data_source(split=name, deserialize_method=raw)
     size = len(source)
-    files = _array_record_files(builder, name)
+    files = array_record_files(builder, name)
     if files is not None and sum(f.take for f in files) == size:
-        read = _ArrayRecordRows(files).read
+        read = ArrayRecordRows(files).read
     else:  # any other random-access storage TFDS serves
         read = lambda keys: np.array(source.__getitems__([int(k) for k in keys]), dtype=object)
 
     def fetch(keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         records = tf.numpy_function(read, [keys], tf.string, stateful=False)
-        example = tf.io.parse_example(tf.ensure_shape(records, [None]), _EXAMPLE_SPEC)
+        example = tf.io.parse_example(tf.ensure_shape(records, [None]), EXAMPLE_SPEC)
         return example["image"], tf.cast(example["label"], tf.int32)
 
     def unpack(record: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
@@ -354,7 +351,7 @@ def imagenet_source(cfg: ml_collections.ConfigDict) -> Source:
 
     def split(name: str, shuffle: bool) -> Split:
         try:
-            return _tfds_random_access(builder, name, shuffle)
+            return tfds_random_access(builder, name, shuffle)
         except NotImplementedError:  # TFRecord files, or nothing prepared
             pass
         try:
@@ -399,7 +396,7 @@ def paper256_source(cfg: ml_collections.ConfigDict) -> Source:
     builder = tfds.builder_from_directory(str(directory))
     # Without fancy (interpolated) chroma upsampling, decoding only a crop window gives the
     # same pixels as decoding the whole image and cropping (input_pipeline's crop-only path).
-    split = lambda name, shuffle: _tfds_random_access(builder, name, shuffle, False)
+    split = lambda name, shuffle: tfds_random_access(builder, name, shuffle, False)
     return Source(
         paper256.NAME,
         f"{paper256.NAME}:{directory}",

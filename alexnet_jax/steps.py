@@ -5,7 +5,6 @@ the plateau rule's update."""
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from alexnet_jax import backend, cluster, device_input, parallel
+from alexnet_jax import backend, device_input, parallel
 from alexnet_jax.metrics import Accumulator, means
 from alexnet_jax.model import AlexNet
 from alexnet_jax.optimizer import Optimizer, set_learning_rate
@@ -52,8 +51,6 @@ class Trainer:
         )
         self.image_size = config.input.image_size
         self.batch_size = config.batch_size
-        self.rows = parallel.process_rows(mesh, config.batch_size)  # what this process reads
-        self.input_threads = cluster.input_threads(os.environ)  # and on how many cores
         abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
         specs = parallel.param_specs(self.model, abstract.params, mesh)
         self.shardings = parallel.state_shardings(self.optimizer.tx, abstract, specs, mesh)

@@ -92,6 +92,17 @@ def _batches(
     return input_pipeline.iterate(make(source, preprocess, **stream), split)
 
 
+def host_input(trainer: Trainer) -> dict[str, Any]:
+    """How this process reads its share of every global batch: the batch, the rows of it that
+    its devices hold (parallel.process_rows), and the host cores it reads them on."""
+    rows = parallel.process_rows(trainer.mesh, trainer.batch_size)
+    return {
+        "batch_size": trainer.batch_size,
+        "rows": rows,
+        "threads": cluster.input_threads(os.environ),
+    }
+
+
 def evaluate(
     trainer: Trainer,
     state: TrainState,
@@ -102,8 +113,7 @@ def evaluate(
 ) -> dict[str, float]:
     """One pass over the eval split with `preprocess`'s centre crop (or its ten patches):
     the metrics under `prefix`, logged. Training and --mode=eval both evaluate here."""
-    stream = dict(batch_size=trainer.batch_size, rows=trainer.rows, threads=trainer.input_threads)
-    batches = _batches(False, source, preprocess, **stream)
+    batches = _batches(False, source, preprocess, **host_input(trainer))
     consts = trainer.input_constants(input_pipeline.device_constants(preprocess))
     metrics = trainer.evaluate(state, batches, preprocess.ten_crop, prefix, consts)
     log_eval(step, metrics, prefix)
@@ -310,8 +320,9 @@ class _Run:
             "optimizer": optimizer_name(config),
         }
         self.total = trainer.total_steps
+        self.input = host_input(trainer)
         few = cluster.few_input_cores(
-            trainer.input_threads, jax.local_device_count(), jax.default_backend()
+            self.input["threads"], jax.local_device_count(), jax.default_backend()
         )
         if few:
             logging.warning(few)
@@ -324,7 +335,7 @@ class _Run:
             source.eval.size,
             self.total,
             config.batch_size,
-            len(trainer.rows),
+            len(self.input["rows"]),
         )
         # A checkpoint is written before its step's evaluation (which may fail, e.g. on a bad
         # image), so a run resumed from one that was not evaluated evaluates it first: the
@@ -365,15 +376,8 @@ class _Run:
     def train_batches(self) -> Iterator[dict]:
         """The train stream from the run's position, copied to the devices ahead of the loop;
         the first log interval starts here."""
-        stream = dict(
-            seed=self.config.seed,
-            batch_size=self.config.batch_size,
-            start_step=self.start,
-            num_steps=self.total,
-            rows=self.trainer.rows,
-            threads=self.trainer.input_threads,
-        )
-        batches = _batches(True, self.source, self.preprocess, **stream)
+        stream = dict(seed=self.config.seed, start_step=self.start, num_steps=self.total)
+        batches = _batches(True, self.source, self.preprocess, **stream, **self.input)
         self.t_log = time.time()
         return parallel.prefetch(self.trainer.mesh, batches, self.config.batch_size)
 

@@ -248,7 +248,7 @@ def input_rows() -> list[dict]:
                 it = dali_input.train_batches(source, q, **stream)
             else:
                 it = ip.iterate(ip.train_dataset(source, q, **stream), source.train)
-            rate = bench._iterator_rate(it)
+            rate = bench.iterator_rate(it)
             rows.append({"loader": loader, "threads": threads, "images_per_sec": rate})
             print(f"input {loader}, {threads} threads: {rate:,.0f} images/s", flush=True)
     return rows

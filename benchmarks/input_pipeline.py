@@ -108,10 +108,10 @@ def _rate(ds, split) -> float:
     """Images/s of iterating a dataset, after one warm-up batch."""
     from alexnet_jax import input_pipeline as ip
 
-    return _iterator_rate(ip.iterate(ds, split))
+    return iterator_rate(ip.iterate(ds, split))
 
 
-def _iterator_rate(it) -> float:
+def iterator_rate(it) -> float:
     """Images/s of a stream of batches, after one warm-up batch."""
     next(it)
     start, count = time.perf_counter(), 0
@@ -134,7 +134,7 @@ def decode_rate(source, epochs: int, batch: int) -> float:
     spec = tf.TensorSpec([227, 227, 3], tf.uint8)
     crop = lambda j: tf.io.decode_and_crop_jpeg(j, [14, 14, 227, 227], 3, fancy_upscaling=False)
     windows = lambda j, y: {"images": tf.map_fn(crop, j, fn_output_signature=spec), "labels": y}
-    return _rate(ip._threads(ds.map(windows), 1), source.train)
+    return _rate(ip.on_threads(ds.map(windows), 1), source.train)
 
 
 def batched_read(instructions: list) -> Callable[[np.ndarray], np.ndarray]:
@@ -142,7 +142,7 @@ def batched_read(instructions: list) -> Callable[[np.ndarray], np.ndarray]:
     batch (the alternative to sources.py's read of a record per call, timed beside it)."""
     from alexnet_jax import sources
 
-    class _BatchedRows(sources._ArrayRecordRows):
+    class _BatchedRows(sources.ArrayRecordRows):
         def read(self, keys: np.ndarray) -> np.ndarray:
             shard = np.searchsorted(self._starts, keys, side="right") - 1
             readers = self._open(np.unique(shard))
@@ -171,7 +171,7 @@ def records_rate(fetch, size: int, batch: int, epochs: int, threads: int = 1) ->
         return {"bytes": tf.strings.length(images), "labels": labels}
 
     ds = keys.map(lengths, num_parallel_calls=threads).prefetch(threads)
-    return _iterator_rate(ip._threads(ds, threads).as_numpy_iterator())
+    return iterator_rate(ip.on_threads(ds, threads).as_numpy_iterator())
 
 
 def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[], float]]:
@@ -185,12 +185,12 @@ def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[
     from alexnet_jax import sources
 
     builder = tfds.builder_from_directory(str(directory))
-    split = sources._tfds_random_access(builder, "train", shuffle=False)
-    batched = batched_read(sources._array_record_files(builder, "train"))
+    split = sources.tfds_random_access(builder, "train", shuffle=False)
+    batched = batched_read(sources.array_record_files(builder, "train"))
 
     def batched_fetch(keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         records = tf.numpy_function(batched, [keys], tf.string, stateful=False)
-        example = tf.io.parse_example(tf.ensure_shape(records, [None]), sources._EXAMPLE_SPEC)
+        example = tf.io.parse_example(tf.ensure_shape(records, [None]), sources.EXAMPLE_SPEC)
         return example["image"], tf.cast(example["label"], tf.int32)
 
     tfds_source = builder.as_data_source(
@@ -318,7 +318,7 @@ def main(argv: list[str]) -> None:
             steps = epochs * source.train.size // batch
             stream = dict(seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=threads)
             if p.loader == "dali":
-                return _iterator_rate(dali_input.train_batches(source, p, **stream))
+                return iterator_rate(dali_input.train_batches(source, p, **stream))
             return _rate(ip.train_dataset(source, p, **stream), source.train)
 
         raw = dataclasses.replace(p, mean="channel")

@@ -130,9 +130,9 @@ def main(argv: list[str]) -> None:
         bench.write_tars(root / "tars", bench.photographs(n), bench.photographs(16, 1), synsets)
         directory = paper256.prepare(str(root / "data"), str(root / "tars"), processes=2)
         builder = tfds.builder_from_directory(str(directory))
-        files = sources._array_record_files(builder, "train")
+        files = sources.array_record_files(builder, "train")
         records = [r for f in files for r in ArrayRecordReader(str(f.filename)).read_all()]
-        parsed = tf.io.parse_example(tf.constant(records), sources._EXAMPLE_SPEC)
+        parsed = tf.io.parse_example(tf.constant(records), sources.EXAMPLE_SPEC)
         jpegs, labels = parsed["image"].numpy().tolist(), parsed["label"].numpy()
 
         def write(name: str, items: list[bytes], options: str) -> str:
@@ -154,15 +154,15 @@ def main(argv: list[str]) -> None:
 
         # tf.data: sources.py's reader on the prepared split; the JPEG-alone records; the batched
         # read. Each returns (images, labels) for a batch of keys.
-        split = sources._tfds_random_access(builder, "train", shuffle=False)
+        split = sources.tfds_random_access(builder, "train", shuffle=False)
         one = lambda p: types.SimpleNamespace(filename=p, skip=0, take=n)
         batched = bench.batched_read([one(used)])
-        jpeg_rows = sources._ArrayRecordRows([one(alone)])
+        jpeg_rows = sources.ArrayRecordRows([one(alone)])
         label_table = tf.constant(labels.astype(np.int32))
 
         def batched_fetch(keys):
             out = tf.numpy_function(batched, [keys], tf.string, stateful=False)
-            example = tf.io.parse_example(tf.ensure_shape(out, [None]), sources._EXAMPLE_SPEC)
+            example = tf.io.parse_example(tf.ensure_shape(out, [None]), sources.EXAMPLE_SPEC)
             return example["image"], tf.cast(example["label"], tf.int32)
 
         def jpeg_fetch(keys):
@@ -177,7 +177,7 @@ def main(argv: list[str]) -> None:
                 out = tf.numpy_function(give, [keys], tf.string, stateful=False)
                 if not parse:
                     return out, tf.zeros_like(keys, tf.int32)
-                example = tf.io.parse_example(tf.ensure_shape(out, [None]), sources._EXAMPLE_SPEC)
+                example = tf.io.parse_example(tf.ensure_shape(out, [None]), sources.EXAMPLE_SPEC)
                 return example["image"], tf.cast(example["label"], tf.int32)
 
             return fetch

@@ -142,3 +142,26 @@ def test_the_cpu_flags_are_set_only_where_jax_computes_on_the_cpu(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     backend.prepare_backend(malloc=False)
     assert set(backend.CPU_XLA_FLAGS) <= set(os.environ["XLA_FLAGS"].split())
+
+
+def test_tensorflow_is_kept_off_the_gpus_by_prepare_backend_not_by_an_import(monkeypatch):
+    import tensorflow as tf
+
+    told = []
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda d, kind: told.append((d, kind)))
+    monkeypatch.setenv("XLA_FLAGS", "")
+    code = (
+        "import tensorflow as tf\n"
+        "told = []\n"
+        "tf.config.set_visible_devices = lambda *a: told.append(a)\n"
+        "import alexnet_jax.train, alexnet_jax.dali_input, alexnet_jax.inference\n"
+        "print(told)"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert imported.stdout.strip() == "[]"  # importing the data modules hides nothing
+    backend.prepare_backend(malloc=False)
+    assert told == [([], "GPU")]
+    monkeypatch.setattr(backend.util, "find_spec", lambda name: None)  # no TensorFlow installed
+    assert backend.hide_gpus_from_tensorflow() is False and len(told) == 1

@@ -228,3 +228,46 @@ def test_the_train_and_eval_steps_run_with_jax_stack_alone():
     assert result["eval_count"] == 4
     losses = result["losses"]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def private_uses(path: Path) -> list[str]:
+    """`alias._name` and `from alexnet_jax.m import _name` in `path`, where alias is a
+    module of the package as `path` imports it."""
+    tree = ast.parse(path.read_text())
+    aliases, found = set(), []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("alexnet_jax")
+        ):
+            for a in node.names:
+                if a.name.startswith("_"):
+                    found.append(f"{node.module}.{a.name}")
+                aliases.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            aliases |= {
+                a.asname for a in node.names if a.name.startswith("alexnet_jax.") and a.asname
+            }
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+        ):
+            found.append(f"{node.value.id}.{node.attr}")
+    return sorted(set(found))
+
+
+def test_the_benchmarks_use_the_package_public_names_only(tmp_path):
+    assert {p.name: private_uses(p) for p in (REPO / "benchmarks").glob("*.py")} == {
+        p.name: [] for p in (REPO / "benchmarks").glob("*.py")
+    }
+    planted = tmp_path / "b.py"
+    planted.write_text(
+        "from alexnet_jax import sources\nfrom alexnet_jax import input_pipeline as ip\n"
+        "from alexnet_jax.sources import _x\nsources._y\nip._z\nip.ok\n"
+    )
+    assert private_uses(planted) == ["alexnet_jax.sources._x", "ip._z", "sources._y"]

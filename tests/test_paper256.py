@@ -293,7 +293,7 @@ def test_records_are_read_straight_from_the_shards_as_tfds_reads_them(prepared):
 
     directory = prepared[2]
     builder = tfds.builder_from_directory(str(directory))
-    files = sources._array_record_files(builder, "train")
+    files = sources.array_record_files(builder, "train")
     assert files is not None and len(files) > 1  # keys cross shards
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -303,7 +303,7 @@ def test_records_are_read_straight_from_the_shards_as_tfds_reads_them(prepared):
     raw = tfds.decode.DeserializeMethod.RAW_BYTES
     tfds_source = builder.as_data_source(split="train", deserialize_method=raw)
     keys = np.random.default_rng(0).permutation(len(tfds_source))
-    got = sources._ArrayRecordRows(files).read(keys)
+    got = sources.ArrayRecordRows(files).read(keys)
     want = tfds_source.__getitems__([int(k) for k in keys])
     assert len(set(got)) == len(keys)  # distinct records, in the keys' order
     assert list(got) == list(want)
