@@ -100,10 +100,10 @@ def hide_gpus_from_tensorflow() -> bool:
     TensorFlow build with CUDA would otherwise reserve it), before its runtime starts. Where
     TensorFlow is not installed (a device check with JAX's stack alone) there is nothing to
     hide; returns whether TensorFlow was told."""
-    if util.find_spec("tensorflow") is None:
+    try:
+        import tensorflow as tf
+    except ImportError:
         return False
-    import tensorflow as tf
-
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # its runtime started earlier in this process: as it is by now

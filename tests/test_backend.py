@@ -163,5 +163,5 @@ def test_tensorflow_is_kept_off_the_gpus_by_prepare_backend_not_by_an_import(mon
     assert imported.stdout.strip() == "[]"  # importing the data modules hides nothing
     backend.prepare_backend(malloc=False)
     assert told == [([], "GPU")]
-    monkeypatch.setattr(backend.util, "find_spec", lambda name: None)  # no TensorFlow installed
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # as if TensorFlow were not installed
     assert backend.hide_gpus_from_tensorflow() is False and len(told) == 1

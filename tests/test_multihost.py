@@ -98,7 +98,7 @@ def test_processes_match_one(tmp_path, single, n, devices_each):
     assert f"16, of which this process reads {16 // 2 // (2 // devices_each)}" in outs[0]
     for i, out in enumerate(outs):  # every process says what it drives
         assert f"process {i} of {n}: {devices_each} local cpu device(s)" in out
-        assert "device(s) [" in out and "], 4 in all" in out
+        assert "device(s) [" in out and "] (cpu), 4 in all" in out  # ids, kind, count
 
 
 def test_a_multihost_flag_alone_is_refused(tmp_path):
