@@ -1,5 +1,5 @@
-"""The run: the config checks, the loop (its guards, its cadences, one compilation of its step),
---mode=eval."""
+"""The run: a bad config refused before anything is written, the loop (its guards, its
+cadences, one compilation of its step), --mode=eval."""
 
 import json
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_steps import lowerings
 
-from alexnet_jax import UsageError, config_checks, train
+from alexnet_jax import UsageError, train
 
 
 @pytest.mark.parametrize(
@@ -57,17 +57,6 @@ def test_a_diverging_run_stops_before_saving_a_nan_state(tiny, tmp_path):
     with pytest.raises(UsageError, match="loss became NaN or infinite by step 4"):
         train.train_and_evaluate(config, str(tmp_path))
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))  # the NaN state was not saved
-
-
-def test_per_device_batch_size_sets_the_global_batch(tiny):
-    config = tiny(**{"mesh.model": 2, "batch_size": 8})
-    assert config_checks.resolve_batch_size(config, 8) is config  # unset: batch_size as given
-    config.per_device_batch_size = 3
-    resolved = config_checks.resolve_batch_size(config, 8)  # mesh (4, 2): 4 data shards
-    assert (resolved.batch_size, config.batch_size) == (12, 8)
-    config.per_device_batch_size = 0
-    with pytest.raises(UsageError, match="per_device_batch_size=0 must be positive"):
-        config_checks.resolve_batch_size(config, 8)
 
 
 def test_eval_mode_scores_a_checkpoint_both_ways_and_changes_none(trained_on_4x2, tmp_path):
