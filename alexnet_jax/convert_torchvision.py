@@ -117,12 +117,12 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def torchvision_stats() -> Any:
     """Input statistics with torchvision's mean and std (0-255 units); the PCA lighting of
     paper section 4.1, used when fine-tuning, keeps ImageNet's eigen-decomposition."""
-    from alexnet_jax import input_pipeline
+    from alexnet_jax import transforms
 
-    return input_pipeline.Stats(
+    return transforms.Stats(
         mean=tuple(255.0 * m for m in TORCHVISION_MEAN),
-        eigval=input_pipeline.IMAGENET_STATS.eigval,
-        eigvec=input_pipeline.IMAGENET_STATS.eigvec,
+        eigval=transforms.IMAGENET_STATS.eigval,
+        eigvec=transforms.IMAGENET_STATS.eigvec,
         channel_std=tuple(255.0 * s for s in TORCHVISION_STD),
     )
 

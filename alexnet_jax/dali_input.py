@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from alexnet_jax import input_pipeline
+from alexnet_jax import input_pipeline, transforms
 from alexnet_jax.errors import UsageError
 from alexnet_jax.sources import Source, Split
 
@@ -164,7 +164,7 @@ def _ahead(make: Callable[[], Iterator[dict]], depth: int = 2) -> Iterator[dict]
 def _cut(
     ds: tf.data.Dataset,
     split: Split,
-    p: input_pipeline.Preprocess,
+    p: transforms.Preprocess,
     where: np.ndarray | None,
     threads: int | None,
     stream: dict[str, Any],
@@ -179,7 +179,7 @@ def _cut(
 
 
 def train_batches(
-    source: Source, p: input_pipeline.Preprocess, *, threads: int | None, **stream: Any
+    source: Source, p: transforms.Preprocess, *, threads: int | None, **stream: Any
 ) -> Iterator[dict[str, np.ndarray]]:
     """input_pipeline.train_dataset's batches (same keyword arguments), cut by DALI."""
     ds = input_pipeline.train_dataset(source, p, threads=threads, decode=False, **stream)
@@ -187,9 +187,9 @@ def train_batches(
 
 
 def eval_batches(
-    source: Source, p: input_pipeline.Preprocess, *, threads: int | None, **stream: Any
+    source: Source, p: transforms.Preprocess, *, threads: int | None, **stream: Any
 ) -> Iterator[dict[str, np.ndarray]]:
     """input_pipeline.eval_dataset's batches (same keyword arguments), cut by DALI."""
     ds = input_pipeline.eval_dataset(source, p, threads=threads, decode=False, **stream)
-    where = input_pipeline.eval_windows(p.resize_size, p.image_size, p.ten_crop)
+    where = transforms.eval_windows(p.resize_size, p.image_size, p.ten_crop)
     return _cut(ds, source.eval, p, where, threads, stream)

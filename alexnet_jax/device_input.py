@@ -4,7 +4,7 @@ With input.normalize_on_device the host ships each crop as uint8 (4x fewer bytes
 with where it was taken and whether to mirror it (top, left, mirror: 3 int32) and, in
 training, its PCA lighting shift (3 float32). Inside the jitted step this module adds the
 shift, subtracts the mean (the window of the mean image under the crop, or the channel mean),
-divides by the std and mirrors the flagged crops: input_pipeline.normalize's arithmetic, which
+divides by the std and mirrors the flagged crops: transforms.normalize's arithmetic, which
 the tests hold it to. Mirroring here costs the device nothing (XLA fuses the reversal into
 the arithmetic) and spares the host a copy of every mirrored crop.
 """

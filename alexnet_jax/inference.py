@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from alexnet_jax import checkpoint, input_pipeline
+from alexnet_jax import checkpoint, transforms
 from alexnet_jax.errors import UsageError
 from alexnet_jax.model import AlexNet
 
@@ -26,7 +26,7 @@ class Restored:
     config: ml_collections.ConfigDict
     step: int
     class_names: list[str]
-    preprocess: input_pipeline.Preprocess  # the run's eval transform, centre crop
+    preprocess: transforms.Preprocess  # the run's eval transform, centre crop
 
     @functools.cached_property
     def _probabilities(self) -> Any:
@@ -47,7 +47,7 @@ class Restored:
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
         batch = np.stack(
-            [input_pipeline.eval_preprocess(im, self.preprocess)["images"].numpy() for im in images]
+            [transforms.eval_preprocess(im, self.preprocess)["images"].numpy() for im in images]
         )
         return np.asarray(self._probabilities(self.params, batch))
 
@@ -62,8 +62,8 @@ def load_checkpoint(
         saved = ckpt.read(step, sharding)
     finally:
         ckpt.close()
-    stats = input_pipeline.Stats.from_dict(saved.data["stats"], saved.mean_image)
-    preprocess = input_pipeline.Preprocess.from_config(saved.config.input, stats)
+    stats = transforms.Stats.from_dict(saved.data["stats"], saved.mean_image)
+    preprocess = transforms.Preprocess.from_config(saved.config.input, stats)
     return Restored(
         model=AlexNet.from_config(saved.config.model),
         params=saved.state["params"],

@@ -47,7 +47,7 @@ def to_paper256(data: bytes) -> np.ndarray:
     """Any image file (CMYK or greyscale JPEG, PNG under a .JPEG name, ...) -> the paper's
     256x256 RGB uint8: the central square of the shorter side, resized to 256 with an
     antialiased bilinear (triangle) filter, the one TFDS imagenet2012's general path uses
-    (input_pipeline.resize_square). Only the square is resampled, not the discarded sides."""
+    (transforms.resize_square). Only the square is resampled, not the discarded sides."""
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
         w, h = im.size

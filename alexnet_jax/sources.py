@@ -76,7 +76,7 @@ class Source:
     class_names: list[str]
     train: Split
     eval: Split
-    stats: dict | None = None  # input statistics stored with the data (input_pipeline.Stats)
+    stats: dict | None = None  # input statistics stored with the data (transforms.Stats)
     stored_size: int | None = None  # every image stored as a square of this side
     mean_image: np.ndarray | None = None  # the training set's, stored with the data
 

@@ -110,7 +110,7 @@ class Trainer:
         if consts is None:
             raise ValueError(
                 "a batch of uint8 crops needs the constants that normalise it "
-                "(input_pipeline.device_constants)"
+                "(transforms.device_constants)"
             )
         return self.normalize({k: batch[k] for k in device_input.KEYS if k in batch}, consts)
 
@@ -123,7 +123,7 @@ class Trainer:
     ) -> tuple[TrainState, dict]:
         """One SGD step. Returns its metric sums and learning rate; given `totals` (the sums of
         earlier steps), the sums are added to them here rather than by a dispatch per metric.
-        A batch of uint8 crops is normalised with `consts` (input_pipeline.device_constants)
+        A batch of uint8 crops is normalised with `consts` (transforms.device_constants)
         first."""
         images, labels = self._images(batch, consts), batch["labels"]
         key = jax.random.fold_in(state.rng, state.step)
@@ -146,7 +146,7 @@ class Trainer:
         return eval_fn(params, self._images(batch, consts), batch["labels"], batch["weights"])
 
     def input_constants(self, consts: dict[str, np.ndarray] | None) -> dict | None:
-        """`consts` (input_pipeline.device_constants: what normalises uint8 batches) on every
+        """`consts` (transforms.device_constants: what normalises uint8 batches) on every
         device; None for batches normalised on the host."""
         if consts is None:
             return None

@@ -22,9 +22,12 @@ from alexnet_jax import (
     cluster,
     dali_input,
     input_pipeline,
+    input_stats,
     lifecycle,
     parallel,
+    skiplist,
     sources,
+    transforms,
 )
 from alexnet_jax.config_checks import check_config, profile_window, resolve_batch_size
 from alexnet_jax.errors import UsageError
@@ -73,7 +76,7 @@ def skip_corrupt(
     workdir), else `source`."""
     if not config.input.get("skip_corrupt"):
         return source
-    return input_pipeline.skip_undecodable(source, workdir, write and _is_first())
+    return skiplist.skip_undecodable(source, workdir, write and _is_first())
 
 
 def _is_first() -> bool:
@@ -81,7 +84,7 @@ def _is_first() -> bool:
 
 
 def _batches(
-    train: bool, source: sources.Source, preprocess: input_pipeline.Preprocess, **stream: Any
+    train: bool, source: sources.Source, preprocess: transforms.Preprocess, **stream: Any
 ) -> Iterator[dict]:
     """The train (or eval) batches of `source` as NumPy, from the loader input.loader names."""
     if preprocess.loader == "dali":
@@ -108,13 +111,13 @@ def evaluate(
     state: TrainState,
     step: int,
     source: sources.Source,
-    preprocess: input_pipeline.Preprocess,
+    preprocess: transforms.Preprocess,
     prefix: str = "eval",
 ) -> dict[str, float]:
     """One pass over the eval split with `preprocess`'s centre crop (or its ten patches):
     the metrics under `prefix`, logged. Training and --mode=eval both evaluate here."""
     batches = _batches(False, source, preprocess, **host_input(trainer))
-    consts = trainer.input_constants(input_pipeline.device_constants(preprocess))
+    consts = trainer.input_constants(transforms.device_constants(preprocess))
     metrics = trainer.evaluate(state, batches, preprocess.ten_crop, prefix, consts)
     log_eval(step, metrics, prefix)
     return metrics
@@ -151,8 +154,8 @@ def evaluate_checkpoint(
     trainer = Trainer(config, mesh)
     params = jax.device_put(saved.state["params"], trainer.shardings.params)
     state = trainer.abstract_state.replace(params=params)  # evaluation reads only the params
-    stats = input_pipeline.Stats.from_dict(saved.data["stats"], saved.mean_image)
-    preprocess = input_pipeline.Preprocess.from_config(config.input, stats)
+    stats = transforms.Stats.from_dict(saved.data["stats"], saved.mean_image)
+    preprocess = transforms.Preprocess.from_config(config.input, stats)
     logging.info("evaluating the checkpoint at step %d of %s", saved.step, workdir)
     metrics = {}
     for ten_crop, prefix in ((False, "eval"), (True, "eval_ten_crop")):
@@ -165,12 +168,12 @@ def evaluate_checkpoint(
 
 
 def checkpoint_stats(
-    ckpt: checkpoint.Checkpointer, step: int, data_stats: input_pipeline.Stats
-) -> input_pipeline.Stats:
+    ckpt: checkpoint.Checkpointer, step: int, data_stats: transforms.Stats
+) -> transforms.Stats:
     """The input statistics a resumed run normalises with: those its weights were trained
     with, saved in the checkpoint. They equal the data's, except for converted weights
     (convert_torchvision: torchvision's mean and std), which fine-tuning must keep."""
-    saved = input_pipeline.Stats.from_dict(ckpt.data(step)["stats"])
+    saved = transforms.Stats.from_dict(ckpt.data(step)["stats"])
     if saved == data_stats:  # the mean image, not compared, is the data's as well
         return data_stats
     logging.info("input statistics from the checkpoint at step %d: %s", step, saved.to_dict())
@@ -236,7 +239,7 @@ def _train_and_evaluate(
     run = _Run(config, workdir, trainer, source, ckpt, restored)
     state = run.initial_state(restored)
     batches = run.train_batches()
-    consts = trainer.input_constants(input_pipeline.device_constants(run.preprocess))
+    consts = trainer.input_constants(transforms.device_constants(run.preprocess))
     in_flight = InFlight(backend.dispatch_depth(jax.default_backend()))
     sums = run.initial_sums()  # summed on the devices over the steps since the last log line
     try:
@@ -307,13 +310,13 @@ class _Run:
         # Data: statistics (cached in workdir; a resumed run keeps its checkpoint's),
         # preprocessing, the number of steps.
         i = config.input
-        stats = input_pipeline.get_stats(
+        stats = input_stats.get_stats(
             source, i.resize_size, i.stats_max_images, workdir, write=first
         )
         if restored is not None:
             stats = checkpoint_stats(ckpt, self.start, stats)
         self.stats = stats
-        self.preprocess = input_pipeline.Preprocess.from_config(i, stats)
+        self.preprocess = transforms.Preprocess.from_config(i, stats)
         self.data_meta = {
             "class_names": source.class_names,
             "stats": stats.to_dict(),

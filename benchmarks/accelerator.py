@@ -220,7 +220,7 @@ def input_rows() -> list[dict]:
     """The paper-256 train path of this process on all its cores, tf.data and DALI."""
     import dataclasses
 
-    from alexnet_jax import config_checks, dali_input, paper256, sources
+    from alexnet_jax import config_checks, dali_input, paper256, sources, transforms
     from alexnet_jax import input_pipeline as ip
     from benchmarks import input_pipeline as bench
     from configs import alexnet
@@ -236,8 +236,8 @@ def input_rows() -> list[dict]:
         cfg = alexnet.get_config().input
         cfg.dataset, cfg.data_dir = "imagenet2012_paper256", str(root / "data")
         source = sources.create_source(cfg)
-        stats = ip.Stats.from_dict(source.stats, source.mean_image)
-        p = ip.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=True)
+        stats = transforms.Stats.from_dict(source.stats, source.mean_image)
+        p = transforms.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=True)
         batch = min(128, n // 2)
         steps = max(8 * n // batch, 2)
         loaders = ["tf.data"] + (["dali"] if config_checks.dali_available() else [])

@@ -268,7 +268,7 @@ def main(argv: list[str]) -> None:
     # The XLA flags launch.py runs with, before any backend starts (the step rate).
     backend.prepare_backend()
 
-    from alexnet_jax import config_checks, dali_input, paper256, sources
+    from alexnet_jax import config_checks, dali_input, paper256, sources, transforms
     from alexnet_jax import input_pipeline as ip
     from configs import alexnet
 
@@ -308,8 +308,8 @@ def main(argv: list[str]) -> None:
         stored = sources.create_source(cfg)
         # As configs/alexnet.py runs: uint8 crops out, normalised on the device; the mean
         # image where the data has one (paper-256), else the channel mean.
-        stats = ip.Stats.from_dict(stored.stats, stored.mean_image)
-        p = ip.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=True)
+        stats = transforms.Stats.from_dict(stored.stats, stored.mean_image)
+        p = transforms.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=True)
         # In batches of configs/alexnet.py's 128 (what a host with one accelerator prepares
         # per step), fewer for a small --images; each path reads its data `epochs` times.
         batch, epochs = min(alexnet.get_config().batch_size, n // 3), 8

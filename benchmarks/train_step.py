@@ -101,7 +101,7 @@ def matmul_peak(dtype: str, n: int = 4096) -> float:
 
 def synthetic_batch(config, mesh, trainer):
     """A global batch as the input pipeline ships it, and constants that normalise it as
-    input_pipeline.device_constants would (the config's kind of mean, a std where it divides),
+    transforms.device_constants would (the config's kind of mean, a std where it divides),
     made here so that the step runs without TensorFlow."""
     from alexnet_jax import parallel
 

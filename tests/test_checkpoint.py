@@ -12,11 +12,11 @@ import pytest
 from alexnet_jax import (
     UsageError,
     checkpoint,
-    input_pipeline,
     load_checkpoint,
     parallel,
     steps,
     train,
+    transforms,
 )
 
 
@@ -60,7 +60,7 @@ def _saved_at_step_4(config, workdir, state=None, mean_image_too=True):
     trainer = steps.Trainer(config, parallel.create_mesh(1, 1))
     ckpt = checkpoint.Checkpointer(str(workdir))
     state = trainer.init_state(0) if state is None else state
-    stats = input_pipeline.IMAGENET_STATS.to_dict()
+    stats = transforms.IMAGENET_STATS.to_dict()
     side = config.input.resize_size
     mean_image = np.random.default_rng(0).uniform(0, 255, (side, side, 3)).astype(np.float32)
     data = {"class_names": list("0123456789"), "stats": stats}

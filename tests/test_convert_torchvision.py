@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch", reason='needs PyTorch: pip install -e ".[to
 from alexnet_jax import (  # noqa: E402
     UsageError,
     checkpoint,
-    input_pipeline,
     load_checkpoint,
+    transforms,
 )
 from alexnet_jax import convert_torchvision as ct  # noqa: E402
 from alexnet_jax.model import AlexNet  # noqa: E402
@@ -188,5 +188,5 @@ def test_the_cli_then_eval_mode_then_fine_tuning(repo, tmp_path):
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     before, after = (ckpt.read(s, sharding).state["params"]["fc8"]["kernel"] for s in (0, 1))
     assert not np.array_equal(before, after)
-    stats = input_pipeline.Stats.from_dict(ckpt.data(1)["stats"])
+    stats = transforms.Stats.from_dict(ckpt.data(1)["stats"])
     np.testing.assert_allclose(stats.std(), 255 * np.array(ct.TORCHVISION_STD))

@@ -1,7 +1,6 @@
 """input.loader=dali: DALI cuts the crops that tf.data's draws choose (its CPU mode here)."""
 
 import dataclasses
-import sys
 
 import jax
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import tensorflow as tf
 from test_paper256 import _cfg, prepared  # noqa: F401  (the prepared paper-256 fixture)
 
-from alexnet_jax import UsageError, config_checks, dali_input, sources, train
+from alexnet_jax import UsageError, dali_input, sources, train, transforms
 from alexnet_jax import input_pipeline as ip
 
 KEYS = {"images", "crops", "shifts", "labels"}
@@ -17,8 +16,10 @@ KEYS = {"images", "crops", "shifts", "labels"}
 
 def _digits():
     source = sources.digits_source()
-    stats = ip.Stats((120.0, 120.0, 120.0), (0.2, 0.02, 0.005), tuple(map(tuple, np.eye(3))))
-    return source, ip.Preprocess(stats, 27, 32, True, 0.1, on_device=True)
+    stats = transforms.Stats(
+        (120.0, 120.0, 120.0), (0.2, 0.02, 0.005), tuple(map(tuple, np.eye(3)))
+    )
+    return source, transforms.Preprocess(stats, 27, 32, True, 0.1, on_device=True)
 
 
 def _train(loader, source, p, start=0, steps=4, rows=None, batch=8):
@@ -92,8 +93,8 @@ def _reference(source, p, start, steps, batch, fancy):
 
 def _paper256(prepared):  # noqa: F811
     source = sources.paper256_source(_cfg(prepared))
-    stats = ip.Stats.from_dict(source.stats, source.mean_image)
-    return source, ip.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=True)
+    stats = transforms.Stats.from_dict(source.stats, source.mean_image)
+    return source, transforms.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=True)
 
 
 def test_dali_decodes_the_paper256_windows_tf_data_draws(prepared):  # noqa: F811
@@ -153,22 +154,6 @@ def test_a_run_with_dali_trains_and_evaluates_on_paper256(prepared, tmp_path):  
     )
     metrics = train.train_and_evaluate(config, str(tmp_path))
     assert metrics["eval/count"] == 6 and np.isfinite(metrics["eval/loss"])
-
-
-def test_dali_is_checked_before_anything_runs(monkeypatch):
-    from conftest import tiny_config
-
-    config = tiny_config(**{"input.loader": "dali"})
-    config_checks.check_config(config, 8, 1)  # installed here
-    with pytest.raises(UsageError, match="unknown"):
-        config_checks.check_config(tiny_config(**{"input.loader": "pillow"}), 8, 1)
-    off = tiny_config(**{"input.loader": "dali", "input.normalize_on_device": False})
-    with pytest.raises(UsageError, match="normalize_on_device=True"):
-        config_checks.check_config(off, 8, 1)
-    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed
-    with pytest.raises(UsageError, match=r'pip install -e "\.\[dali\]"') as e:
-        config_checks.check_config(config, 8, 1)
-    assert len(str(e.value).splitlines()) == 1
 
 
 @pytest.mark.slow  # two short runs

@@ -8,14 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import device_input, input_pipeline, parallel, sources, steps
+from alexnet_jax import (
+    device_input,
+    input_pipeline,
+    input_stats,
+    parallel,
+    sources,
+    steps,
+    transforms,
+)
 
 
 def _setup(tiny, **overrides):
     config = tiny(**{"input.random_flip": True, "input.pca_lighting_std": 0.1, **overrides})
     source = sources.create_source(config.input)
-    stats = input_pipeline.get_stats(source, config.input.resize_size, 500, None)
-    return config, source, input_pipeline.Preprocess.from_config(config.input, stats)
+    stats = input_stats.get_stats(source, config.input.resize_size, 500, None)
+    return config, source, transforms.Preprocess.from_config(config.input, stats)
 
 
 def _train_batch(config, source, p, on_device, step=0):
@@ -40,7 +48,7 @@ def _on_device(batch, p, mesh):
     """Normalise a host batch of uint8 crops as the steps do, on `mesh`."""
     glob = parallel.global_batch(mesh, batch, len(batch["labels"]))
     raw = {k: glob[k] for k in device_input.KEYS if k in glob}
-    consts = input_pipeline.device_constants(p)
+    consts = transforms.device_constants(p)
     return np.asarray(jax.jit(parallel.batch_fn(device_input.normalize, mesh))(raw, consts))
 
 
@@ -90,7 +98,7 @@ def test_the_step_on_uint8_batches_equals_the_step_on_float_batches(tiny):
         mesh = parallel.create_mesh(*mesh_shape)
         trainer = steps.Trainer(config, mesh)
         q = dataclasses.replace(p, on_device=on_device)
-        consts = trainer.input_constants(input_pipeline.device_constants(q))
+        consts = trainer.input_constants(transforms.device_constants(q))
         assert (consts is not None) == on_device
         state = trainer.init_state(0)
         for step in range(2):

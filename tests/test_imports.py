@@ -70,7 +70,8 @@ def test_the_layers():
     assert graph["model"] == {"errors", "ops"}  # the model knows no config, data, mesh or file
     assert "train" not in graph["checkpoint"] and "train" not in graph["inference"]
     assert graph["train"] >= {"checkpoint", "parallel", "input_pipeline", "model"}
-    assert graph["inference"] >= {"checkpoint", "model", "input_pipeline"}
+    assert graph["inference"] >= {"checkpoint", "model", "transforms"}
+    assert graph["transforms"] <= {"config_checks", "errors"}  # functions of their arguments
 
 
 def _package_with(tmp_path: Path, planted: dict[str, str]) -> Path:
@@ -147,7 +148,17 @@ def test_importing_the_package_loads_neither_tensorflow_nor_orbax():
 # What runs on a GPU image with JAX's stack alone (DESIGN.md): the model, the sharded step and
 # the checkpoints; the data modules and TensorBoard's writer sit above them.
 JAX_STACK = ("model", "parallel", "optimizer", "config_checks", "steps", "checkpoint", "metrics")
-DATA = ("input_pipeline", "sources", "paper256", "staging", "dali_input", "prepare_imagenet")
+DATA = (
+    "transforms",
+    "input_pipeline",
+    "input_stats",
+    "skiplist",
+    "sources",
+    "paper256",
+    "staging",
+    "dali_input",
+    "prepare_imagenet",
+)
 
 
 def _reached(graph: dict[str, set[str]], start: tuple[str, ...]) -> set[str]:

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from alexnet_jax import UsageError, device_input, paper256, sources, train
+from alexnet_jax import UsageError, device_input, paper256, sources, train, transforms
 from alexnet_jax import input_pipeline as ip
 
 SYNSETS, VAL_LABELS = paper256.tfds_labels()
@@ -130,9 +130,9 @@ def test_odd_files_become_rgb_256():
     # The central square of the shorter side scaled to 256 (columns 100..400 of 500), as the
     # general input path resizes raw images, to rounding and the filters' edge handling.
     centre = paper256.to_paper256(_file(photo, "png")).astype(int)
-    general = ip.resize_square(tf.constant(photo), 256).numpy().astype(int)
+    general = transforms.resize_square(tf.constant(photo), 256).numpy().astype(int)
     assert np.abs(centre - general).mean() < 0.5
-    left = ip.resize_square(tf.constant(photo[:, :300]), 256).numpy().astype(int)
+    left = transforms.resize_square(tf.constant(photo[:, :300]), 256).numpy().astype(int)
     assert np.abs(centre - left).mean() > 10  # another square differs
 
 
@@ -143,7 +143,7 @@ def test_statistics_of_the_training_set(prepared):
     train = [paper256.to_paper256(f) for n, f in images.items() if not n.startswith("ILSVRC")]
     np.testing.assert_allclose(mean_image, np.mean(train, axis=0), atol=1e-3)
     saved = sources.paper256_source(_cfg(prepared)).stats
-    stats = ip.Stats.from_dict(saved)
+    stats = transforms.Stats.from_dict(saved)
     assert np.allclose(stats.mean, mean_image.reshape(-1, 3).mean(0), atol=1e-3)
     # The PCA lighting's eigen-decomposition against NumPy's covariance of the same pixels
     # (0-1 RGB, section 4.1): eigenvalues in descending order, eigenvectors as columns.
@@ -282,8 +282,8 @@ def test_train_and_evaluate_with_ten_patches(prepared, tmp_path):
 
 
 def _stream(source, start, steps, on_device=True):
-    stats = ip.Stats.from_dict(source.stats, source.mean_image)
-    p = ip.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=on_device)
+    stats = transforms.Stats.from_dict(source.stats, source.mean_image)
+    p = transforms.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=on_device)
     ds = ip.train_dataset(source, p, seed=3, batch_size=4, start_step=start, num_steps=steps)
     return list(ip.iterate(ds, source.train)), p
 
@@ -329,7 +329,7 @@ def test_the_crop_window_path_equals_decoding_the_whole_image(prepared):
     # Normalised on the device, with the mean image's windows: the host's float32 path.
     host, _ = _stream(source, 0, 4, on_device=False)
     norm = jax.jit(device_input.normalize)
-    consts = ip.device_constants(p)
+    consts = transforms.device_constants(p)
     for a, b in zip(fast, host, strict=True):
         raw = {k: a[k] for k in device_input.KEYS}
         np.testing.assert_allclose(norm(raw, consts), b["images"], rtol=1e-5, atol=1e-4)

@@ -2,7 +2,6 @@
 per-epoch orders of a random-access split."""
 
 import contextlib
-import json
 from unittest import mock
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import write_folder
 
-from alexnet_jax import UsageError, sources
+from alexnet_jax import UsageError, sources, transforms
 from alexnet_jax import input_pipeline as ip
 
 
@@ -73,7 +72,7 @@ def test_image_folder_source(tmp_path):
             assert int(image.numpy()[0, 0, 0]) // 40 == int(label)  # the folder's class
             labels.append(int(label))
         assert sorted(labels) == [0, 0, 0, 1, 1, 1]
-    p = ip.Preprocess(ip.IMAGENET_STATS, image_size=67, resize_size=72)
+    p = transforms.Preprocess(transforms.IMAGENET_STATS, image_size=67, resize_size=72)
     ds = ip.train_dataset(source, p, seed=0, batch_size=4, start_step=0, num_steps=2)
     batches = list(ip.iterate(ds, source.train))
     assert len(batches) == 2 and batches[0]["images"].shape == (4, 67, 67, 3)
@@ -92,29 +91,6 @@ def test_image_folder_errors(tmp_path):
         UsageError, match=r"1 class folder\(s\) under .* hold no images .*\['emu'\]"
     ):
         sources.create_source(_cfg(dataset="imagefolder", data_dir=str(tmp_path / "d")))
-
-
-def test_the_skip_list_follows_the_files_not_their_positions(tmp_path):
-    write_folder(tmp_path / "d", per_class=4, bad="2b.png")  # train/cat: 0 1 2 2b 3
-    cfg = _cfg(dataset="imagefolder", data_dir=str(tmp_path / "d"))
-    train = lambda: ip.skip_undecodable(sources.create_source(cfg), tmp_path).train
-    names = lambda split: sorted(split.describe(0, k).split("/d/")[1] for k in split.epoch(0, 0, 0))
-    good = [f"train/{c}/{i}.png" for c in ("cat", "dog") for i in range(4)]
-    assert names(train()) == good
-    # The bad image removed: nothing else is left out (indices of the old list would drop
-    # train/cat/3.png, which took its place).
-    (tmp_path / "d" / "train" / "cat" / "2b.png").unlink()
-    assert names(train()) == good
-    # A bad image added: found and left out (the old list would not know it).
-    (tmp_path / "d" / "train" / "dog" / "0a.png").write_bytes(b"broken")
-    assert names(train()) == good
-    cached = json.loads((tmp_path / "undecodable.json").read_text())
-    assert cached["train_names"] == [str(tmp_path / "d" / "train" / "dog" / "0a.png")]
-    # Replaced by a good image of the same name: its size differs, so it is found again.
-    (tmp_path / "d" / "train" / "dog" / "0a.png").write_bytes(
-        (tmp_path / "d" / "train" / "dog" / "0.png").read_bytes()
-    )
-    assert len(names(train())) == len(good) + 1
 
 
 def test_imagenet_not_prepared_says_where_the_tars_go(tmp_path):
@@ -140,7 +116,7 @@ def test_imagenet_path_on_tfds_mock_data(storage, monkeypatch):
 
     monkeypatch.setattr(mocking, "_getitems", getitems)
     cfg = _cfg(dataset="imagenet2012", image_size=67, resize_size=72, data_dir="/nonexistent")
-    p = ip.Preprocess(ip.IMAGENET_STATS, image_size=67, resize_size=72)
+    p = transforms.Preprocess(transforms.IMAGENET_STATS, image_size=67, resize_size=72)
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
         no_random_access = mock.patch.object(  # what TFDS raises for TFRecord files
             tfds.core.DatasetBuilder, "as_data_source", side_effect=NotImplementedError

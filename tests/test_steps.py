@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import input_pipeline, parallel, sources, steps
+from alexnet_jax import input_pipeline, input_stats, parallel, sources, steps, transforms
 from alexnet_jax.metrics import Accumulator
 
 
@@ -23,8 +23,8 @@ def _trainer(config):
 def _fixed_batch(config, n=None, on_device=False):
     """The first train batch: float32 images, or uint8 crops to normalise on the device."""
     source = sources.create_source(config.input)
-    stats = input_pipeline.get_stats(source, config.input.resize_size, 100, None)
-    preprocess = input_pipeline.Preprocess.from_config(config.input, stats)
+    stats = input_stats.get_stats(source, config.input.resize_size, 100, None)
+    preprocess = transforms.Preprocess.from_config(config.input, stats)
     ds = input_pipeline.train_dataset(
         source,
         dataclasses.replace(preprocess, on_device=on_device),
