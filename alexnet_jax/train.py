@@ -20,10 +20,9 @@ from alexnet_jax import (
     backend,
     checkpoint,
     cluster,
-    dali_input,
-    input_pipeline,
     input_stats,
     lifecycle,
+    loaders,
     parallel,
     skiplist,
     sources,
@@ -83,18 +82,6 @@ def _is_first() -> bool:
     return jax.process_index() == 0
 
 
-def _batches(
-    train: bool, source: sources.Source, preprocess: transforms.Preprocess, **stream: Any
-) -> Iterator[dict]:
-    """The train (or eval) batches of `source` as NumPy, from the loader input.loader names."""
-    if preprocess.loader == "dali":
-        make = dali_input.train_batches if train else dali_input.eval_batches
-        return make(source, preprocess, **stream)
-    split = source.train if train else source.eval
-    make = input_pipeline.train_dataset if train else input_pipeline.eval_dataset
-    return input_pipeline.iterate(make(source, preprocess, **stream), split)
-
-
 def host_input(trainer: Trainer) -> dict[str, Any]:
     """How this process reads its share of every global batch: the batch, the rows of it that
     its devices hold (parallel.process_rows), and the host cores it reads them on."""
@@ -116,7 +103,7 @@ def evaluate(
 ) -> dict[str, float]:
     """One pass over the eval split with `preprocess`'s centre crop (or its ten patches):
     the metrics under `prefix`, logged. Training and --mode=eval both evaluate here."""
-    batches = _batches(False, source, preprocess, **host_input(trainer))
+    batches = loaders.eval_batches(source, preprocess, **host_input(trainer))
     consts = trainer.input_constants(transforms.device_constants(preprocess))
     metrics = trainer.evaluate(state, batches, preprocess.ten_crop, prefix, consts)
     log_eval(step, metrics, prefix)
@@ -380,7 +367,7 @@ class _Run:
         """The train stream from the run's position, copied to the devices ahead of the loop;
         the first log interval starts here."""
         stream = dict(seed=self.config.seed, start_step=self.start, num_steps=self.total)
-        batches = _batches(True, self.source, self.preprocess, **stream, **self.input)
+        batches = loaders.train_batches(self.source, self.preprocess, **stream, **self.input)
         self.t_log = time.time()
         return parallel.prefetch(self.trainer.mesh, batches, self.config.batch_size)
 

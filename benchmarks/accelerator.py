@@ -220,8 +220,7 @@ def input_rows() -> list[dict]:
     """The paper-256 train path of this process on all its cores, tf.data and DALI."""
     import dataclasses
 
-    from alexnet_jax import config_checks, dali_input, paper256, sources, transforms
-    from alexnet_jax import input_pipeline as ip
+    from alexnet_jax import config_checks, loaders, paper256, sources, transforms
     from benchmarks import input_pipeline as bench
     from configs import alexnet
 
@@ -244,11 +243,7 @@ def input_rows() -> list[dict]:
         for loader in loaders:
             q = dataclasses.replace(p, loader=loader)
             stream = dict(seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=threads)
-            if loader == "dali":
-                it = dali_input.train_batches(source, q, **stream)
-            else:
-                it = ip.iterate(ip.train_dataset(source, q, **stream), source.train)
-            rate = bench.iterator_rate(it)
+            rate = bench.iterator_rate(loaders.train_batches(source, q, **stream))
             rows.append({"loader": loader, "threads": threads, "images_per_sec": rate})
             print(f"input {loader}, {threads} threads: {rate:,.0f} images/s", flush=True)
     return rows

@@ -268,7 +268,7 @@ def main(argv: list[str]) -> None:
     # The XLA flags launch.py runs with, before any backend starts (the step rate).
     backend.prepare_backend()
 
-    from alexnet_jax import config_checks, dali_input, paper256, sources, transforms
+    from alexnet_jax import config_checks, loaders, paper256, sources, transforms
     from alexnet_jax import input_pipeline as ip
     from configs import alexnet
 
@@ -317,9 +317,7 @@ def main(argv: list[str]) -> None:
         def train_rate(source, p, threads: int = 1):
             steps = epochs * source.train.size // batch
             stream = dict(seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=threads)
-            if p.loader == "dali":
-                return iterator_rate(dali_input.train_batches(source, p, **stream))
-            return _rate(ip.train_dataset(source, p, **stream), source.train)
+            return iterator_rate(loaders.train_batches(source, p, **stream))
 
         raw = dataclasses.replace(p, mean="channel")
         host = dataclasses.replace(p, on_device=False)
@@ -437,12 +435,11 @@ def main(argv: list[str]) -> None:
 def dali_pixels(source, p, batch: int) -> tuple[float, int, float]:
     """How far DALI's crops of a train batch are from tf.data's (the same windows): the mean
     and largest absolute difference, and the share of equal values."""
-    from alexnet_jax import dali_input
-    from alexnet_jax import input_pipeline as ip
+    from alexnet_jax import loaders
 
     stream = dict(seed=0, batch_size=batch, start_step=0, num_steps=1, threads=1)
-    dali = next(dali_input.train_batches(source, dataclasses.replace(p, loader="dali"), **stream))
-    tfdata = next(ip.iterate(ip.train_dataset(source, p, **stream), source.train))
+    dali = next(loaders.train_batches(source, dataclasses.replace(p, loader="dali"), **stream))
+    tfdata = next(loaders.train_batches(source, dataclasses.replace(p, loader="tf.data"), **stream))
     diff = np.abs(dali["images"].astype(int) - tfdata["images"])
     return float(diff.mean()), int(diff.max()), float(np.mean(diff == 0))
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from test_paper256 import _cfg, prepared  # noqa: F401  (the prepared paper-256 fixture)
 
-from alexnet_jax import UsageError, dali_input, sources, train, transforms
+from alexnet_jax import UsageError, dali_input, loaders, sources, train, transforms
 from alexnet_jax import input_pipeline as ip
 
 KEYS = {"images", "crops", "shifts", "labels"}
@@ -24,16 +24,13 @@ def _digits():
 
 def _train(loader, source, p, start=0, steps=4, rows=None, batch=8):
     stream = dict(seed=5, batch_size=batch, start_step=start, num_steps=steps, rows=rows)
-    if loader == "dali":
-        return list(dali_input.train_batches(source, p, threads=2, **stream))
-    ds = ip.train_dataset(source, p, threads=2, **stream)
-    return list(ip.iterate(ds, source.train))
+    p = dataclasses.replace(p, loader=loader)
+    return list(loaders.train_batches(source, p, threads=2, **stream))
 
 
 def _eval(loader, source, p, rows=None, batch=8):
-    if loader == "dali":
-        return list(dali_input.eval_batches(source, p, batch_size=batch, rows=rows, threads=2))
-    return list(ip.iterate(ip.eval_dataset(source, p, batch_size=batch, rows=rows), source.eval))
+    p = dataclasses.replace(p, loader=loader)
+    return list(loaders.eval_batches(source, p, batch_size=batch, rows=rows, threads=2))
 
 
 def _assert_same(got, want, images=True):

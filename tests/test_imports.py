@@ -69,7 +69,8 @@ def test_the_layers():
     assert graph["ops"] == set()
     assert graph["model"] == {"errors", "ops"}  # the model knows no config, data, mesh or file
     assert "train" not in graph["checkpoint"] and "train" not in graph["inference"]
-    assert graph["train"] >= {"checkpoint", "parallel", "input_pipeline", "model"}
+    assert graph["train"] >= {"checkpoint", "parallel", "loaders", "model"}
+    assert "dali_input" not in graph["train"]  # the loader is chosen in loaders.py only
     assert graph["inference"] >= {"checkpoint", "model", "transforms"}
     assert graph["transforms"] <= {"config_checks", "errors"}  # functions of their arguments
 
