@@ -220,7 +220,7 @@ def input_rows() -> list[dict]:
     """The paper-256 train path of this process on all its cores, tf.data and DALI."""
     import dataclasses
 
-    from alexnet_jax import config_checks, loaders, paper256, sources, transforms
+    from alexnet_jax import config_checks, loaders, sources, transforms
     from benchmarks import input_pipeline as bench
     from configs import alexnet
 
@@ -228,10 +228,7 @@ def input_rows() -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "tars").mkdir()
-        synsets = paper256.tfds_labels()[0][:4]
-        bench.write_tars(root / "tars", bench.photographs(n, 0), bench.photographs(16, 1), synsets)
-        paper256.prepare(str(root / "data"), str(root / "tars"))
+        bench.synthetic_imagenet(root, n)
         cfg = alexnet.get_config().input
         cfg.dataset, cfg.data_dir = "imagenet2012_paper256", str(root / "data")
         source = sources.create_source(cfg)

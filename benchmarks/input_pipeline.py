@@ -104,6 +104,22 @@ def write_tars(root: Path, train: list[bytes], val: list[bytes], synsets: list[s
             _add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", data)
 
 
+def synthetic_imagenet(
+    root: Path, n: int, n_val: int = 16, prepare: bool = True, processes: int | None = None
+) -> tuple[list[bytes], list[bytes]]:
+    """ILSVRC2012's two tars in root/tars, of `n` train and `n_val` validation photographs in
+    the first 4 synsets, and (`prepare`) their paper-256 preparation in root/data, on
+    `processes` workers; returns the train and validation photographs."""
+    from alexnet_jax import paper256
+
+    train, val = photographs(n, 0), photographs(n_val, 1)
+    (root / "tars").mkdir(parents=True)
+    write_tars(root / "tars", train, val, paper256.tfds_labels()[0][:4])
+    if prepare:
+        paper256.prepare(str(root / "data"), str(root / "tars"), processes=processes)
+    return train, val
+
+
 def _rate(ds, split) -> float:
     """Images/s of iterating a dataset, after one warm-up batch."""
     from alexnet_jax import input_pipeline as ip
@@ -274,12 +290,10 @@ def main(argv: list[str]) -> None:
 
     synsets = paper256.tfds_labels()[0][:4]
     n = FLAGS.images
-    train, val = photographs(n, 0), photographs(max(n // 4, 16), 1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "tars").mkdir()
-        write_tars(root / "tars", train, val, synsets)
+        train, val = synthetic_imagenet(root, n, max(n // 4, 16), prepare=False)
         # Preparation's per-image work, timed in this process (a worker's start-up excluded);
         # then prepare() finds those shards written and adds the rest and the metadata.
         out = root / "data" / paper256.NAME / paper256.VERSION

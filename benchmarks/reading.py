@@ -125,10 +125,8 @@ def main(argv: list[str]) -> None:
     rows: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "tars").mkdir()
-        synsets = paper256.tfds_labels()[0][:4]
-        bench.write_tars(root / "tars", bench.photographs(n), bench.photographs(16, 1), synsets)
-        directory = paper256.prepare(str(root / "data"), str(root / "tars"), processes=2)
+        bench.synthetic_imagenet(root, n, processes=2)
+        directory = root / "data" / paper256.NAME / paper256.VERSION
         builder = tfds.builder_from_directory(str(directory))
         files = sources.array_record_files(builder, "train")
         records = [r for f in files for r in ArrayRecordReader(str(f.filename)).read_all()]
