@@ -236,8 +236,8 @@ def input_rows() -> list[dict]:
         p = transforms.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=True)
         batch = min(128, n // 2)
         steps = max(8 * n // batch, 2)
-        loaders = ["tf.data"] + (["dali"] if config_checks.dali_available() else [])
-        for loader in loaders:
+        names = ["tf.data"] + (["dali"] if config_checks.dali_available() else [])
+        for loader in names:
             q = dataclasses.replace(p, loader=loader)
             stream = dict(seed=0, batch_size=batch, start_step=0, num_steps=steps, threads=threads)
             rate = bench.iterator_rate(loaders.train_batches(source, q, **stream))
