@@ -344,7 +344,7 @@ def refusal(parts: list[str]) -> str | None:
     sizes on a CPU (which would take about 20 GB and most of an hour)."""
     import jax
 
-    from alexnet_jax import cluster
+    from alexnet_jax import UsageError, cluster
 
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
@@ -358,16 +358,18 @@ def refusal(parts: list[str]) -> str | None:
         )
     if FLAGS.tiny or FLAGS.allow_cpu or not on_cpu:
         return None
-    return cluster.idle_accelerator(
-        "cpu", cluster.host_accelerators(), os.environ, cluster.installed_plugins()
-    ) or (
+    try:
+        cluster.check_backend()  # a GPU or TPU here that JAX did not take: that line
+    except UsageError as e:
+        return str(e)
+    return (
         f"JAX computes on the CPU here ({jax.device_count()} cpu device(s)): at a GPU's sizes "
         "this would take about 20 GB and most of an hour. Run it on a GPU or TPU host, add "
         "--tiny for a CPU's sizes, or --allow_cpu with small --per_device batches."
     )
 
 
-def check_config():
+def checks_config():
     """The model the checks run: the step's (tiny or real), 16 images (4 with --tiny)."""
     config = _config("float32", 1)
     config.per_device_batch_size = None
@@ -394,7 +396,7 @@ def main(argv: list[str]) -> None:
     if "checks" in parts:
         from benchmarks import device_checks
 
-        config = check_config()
+        config = checks_config()
         result["checks"] = [c.row() for c in device_checks.run(config, config.batch_size)]
     if "step" in parts:
         result["train_step"] = step_rows()
