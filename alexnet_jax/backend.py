@@ -14,6 +14,8 @@ import platform
 from collections.abc import Mapping
 from importlib import metadata, util
 
+from alexnet_jax import paths
+
 GPU_XLA_FLAGS = (
     # Let XLA move collectives (the data-parallel gradient all-reduce, the towers' all-gathers)
     # to overlap with the convolutions around them; NVIDIA's JAX containers set it by default.
@@ -60,9 +62,8 @@ def keep_freed_memory(xla_buffers: bool = True) -> bool:
 
     The input pipeline frees each batch's records (tens of KB each) as the next batch's are
     read; glibc gives the top of its heaps back to the kernel, which faults the pages in and
-    zeroes them again for the next batch (4-11 page faults a record in the input benchmark's
-    runs; reading with two threads ran 1.10-1.51x as fast with the heaps kept,
-    docs/imagenet.md). So the heaps are never trimmed, on every backend.
+    zeroes them again for the next batch (docs/imagenet.md gives the faults and the rates).
+    So the heaps are never trimmed, on every backend.
     `xla_buffers` (where JAX computes on the CPU): XLA's CPU backend allocates every buffer of
     every run of a program with posix_memalign, from its worker threads. glibc serves the large
     ones with a fresh mmap, faulted in and taken back every step. With one arena for all
@@ -116,7 +117,7 @@ def compilation_cache_dir(path: str) -> str | None:
     writes through etils.epath too), a local path with ~ expanded."""
     if not path:
         return None
-    return path if "://" in path else os.path.expanduser(path)
+    return paths.local_or_url(path)
 
 
 def dispatch_depth(backend: str) -> int:

@@ -1,7 +1,8 @@
 """input.loader=dali: NVIDIA DALI decodes and cuts the crops that input_pipeline chooses.
 
 tf.data still reads the records, draws each batch's crop windows, mirrors and lighting from
-(seed, step), and batches (input_pipeline's streams with decode=False); DALI decodes only each
+(seed, step), and batches (input_pipeline's streams, with this module's `prepare` functions
+handing over what DALI cuts the crops from); DALI decodes only each
 window of the stored JPEGs (nvJPEG with device="mixed" where JAX computes on a GPU, and the GPU's
 hardware JPEG decoder where it has one; libjpeg-turbo on the CPU elsewhere), or cuts windows of
 uint8 images that are not stored as JPEGs at the resize size. The batches keep the uint8
@@ -10,7 +11,7 @@ a GPU stay there: they reach JAX as device arrays (DLPack), not through the host
 
 DALI upsamples JPEG chroma with interpolation (libjpeg-turbo's "fancy" upsampling, and nvJPEG's
 own); tf.data decodes windows without it, so the two loaders' pixels differ slightly on JPEGs
-(docs/performance.md gives the measured difference). Install with `pip install -e ".[dali]"`.
+(docs/imagenet.md gives the measured difference). Install with `pip install -e ".[dali]"`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_jax import input_pipeline, transforms
+from alexnet_jax.batch import Batch
 from alexnet_jax.errors import UsageError
-from alexnet_jax.sources import Source, Split
+from alexnet_jax.sources import Source
+from alexnet_jax.splits import Split
 
 
 def device() -> str:
@@ -114,6 +117,61 @@ def to_jax(gpu_batch: Any) -> Any:
     return jax.dlpack.from_dlpack(gpu_batch.as_tensor()).copy()
 
 
+def _uncut(split: Split, records: Any, encoded: bool, side: int) -> tuple[dict, tf.Tensor]:
+    """What DALI cuts a batch's crops from, and the labels: the stored JPEGs (`encoded`), or
+    the uint8 images' central squares at the resize size `side` (`square`)."""
+    if encoded:
+        jpegs, labels = split.jpeg(records)
+        return {"encoded": jpegs}, labels
+
+    def square(record):
+        image, label = split.unpack(record)
+        return transforms.resize_square(image, side), label
+
+    spec = (tf.TensorSpec([side, side, 3], tf.uint8), tf.TensorSpec([], tf.int32))
+    squares, labels = tf.map_fn(square, records, fn_output_signature=spec)
+    return {"square": squares}, labels
+
+
+def _encoded(source: Source, split: Split, p: transforms.Preprocess) -> bool:
+    """Whether DALI decodes `split`'s stored JPEGs (stored at the resize size), else cuts
+    uint8 squares tf.data decoded."""
+    return source.stored_size == p.resize_size and split.stores_jpeg
+
+
+def train_prepare(source: Source, p: transforms.Preprocess) -> input_pipeline.Prepare:
+    """input_pipeline.train_dataset's `prepare` for DALI: each batch's JPEGs or squares with
+    its draws (the windows to cut, and the crops and shifts device_input needs)."""
+    encoded = _encoded(source, source.train, p)
+
+    def prepare(records, offsets, flips, shifts):
+        data, labels = _uncut(source.train, records, encoded, p.resize_size)
+        crops = tf.concat([offsets, flips[:, None]], 1)
+        return {**data, "window": offsets, "crops": crops, "shifts": shifts, "labels": labels}
+
+    return prepare
+
+
+def eval_prepare(source: Source, p: transforms.Preprocess) -> input_pipeline.Prepare:
+    """input_pipeline.eval_dataset's `prepare` for DALI: each example's JPEG or square, and
+    where its crops are cut (the same for all: transforms.eval_windows)."""
+    split, side = source.eval, p.resize_size
+    encoded = _encoded(source, split, p)
+    where = tf.constant(transforms.eval_windows(side, p.image_size, p.ten_crop))
+
+    def prepare(record, weight):
+        batched = tf.nest.map_structure(lambda x: x[None], record)
+        first = lambda x: x[0]
+        one = lambda: tf.nest.map_structure(first, _uncut(split, batched, encoded, side))
+        blank = lambda: ({"square": tf.zeros([side, side, 3], tf.uint8)}, tf.constant(0, tf.int32))
+        # Padding rows carry a real JPEG (DALI decodes every row) and tf.data's label 0.
+        data, label = one() if encoded else tf.cond(weight > 0, one, blank)
+        label = tf.where(weight > 0, label, 0)
+        return {**data, "crops": where, "labels": label, "weights": weight}
+
+    return prepare
+
+
 def _examples(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The batch's JPEGs as byte arrays, or its uint8 squares, one per example."""
     if "encoded" in batch:
@@ -123,8 +181,8 @@ def _examples(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def _decoded(
     batches: Iterator[dict[str, np.ndarray]], cut: _Pipeline, split: Split, train: bool
-) -> Iterator[dict[str, np.ndarray]]:
-    """`batches` with DALI's crops in `images`; an image DALI cannot decode stops the run
+) -> Iterator[Batch]:
+    """`batches` with DALI's crops as their images; an image DALI cannot decode stops the run
     with its name, as input_pipeline.iterate does."""
     for batch in batches:
         data = _examples(batch)
@@ -137,7 +195,7 @@ def _decoded(
                 f"re-encode it and run the same command again; training resumes from the "
                 f"newest checkpoint.\nDALI said: {str(e).strip().splitlines()[0]}"
             ) from None
-        yield {"images": images, **batch}
+        yield Batch(images=images, **batch)
 
 
 def _ahead(make: Callable[[], Iterator[dict]], depth: int = 2) -> Iterator[dict]:
@@ -168,9 +226,9 @@ def _cut(
     where: np.ndarray | None,
     threads: int | None,
     stream: dict[str, Any],
-) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of `ds` (a stream with decode=False) with DALI's crops: at each example's
-    window in training (`where` None), else at `where`."""
+) -> Iterator[Batch]:
+    """The batches of `ds` (a stream with this module's `prepare`) with DALI's crops: at each
+    example's window in training (`where` None), else at `where`."""
     rows = stream.get("rows")
     local = stream["batch_size"] if rows is None else len(rows)
     cut = _Pipeline(local, p.image_size, where, input_pipeline.parallelism(threads))
@@ -180,16 +238,18 @@ def _cut(
 
 def train_batches(
     source: Source, p: transforms.Preprocess, *, threads: int | None, **stream: Any
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[Batch]:
     """input_pipeline.train_dataset's batches (same keyword arguments), cut by DALI."""
-    ds = input_pipeline.train_dataset(source, p, threads=threads, decode=False, **stream)
+    prepare = train_prepare(source, p)
+    ds = input_pipeline.train_dataset(source, p, threads=threads, prepare=prepare, **stream)
     return _cut(ds, source.train, p, None, threads, stream)
 
 
 def eval_batches(
     source: Source, p: transforms.Preprocess, *, threads: int | None, **stream: Any
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[Batch]:
     """input_pipeline.eval_dataset's batches (same keyword arguments), cut by DALI."""
-    ds = input_pipeline.eval_dataset(source, p, threads=threads, decode=False, **stream)
+    prepare = eval_prepare(source, p)
+    ds = input_pipeline.eval_dataset(source, p, threads=threads, prepare=prepare, **stream)
     where = transforms.eval_windows(p.resize_size, p.image_size, p.ten_crop)
     return _cut(ds, source.eval, p, where, threads, stream)

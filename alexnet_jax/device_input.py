@@ -14,21 +14,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-KEYS = ("images", "crops", "shifts")  # what a uint8 batch carries besides labels and weights
+from alexnet_jax.batch import Batch
 
 
-def is_raw(batch: dict) -> bool:
-    """Whether `batch` holds uint8 crops to normalise (else normalised float32 images)."""
-    return "crops" in batch
-
-
-def normalize(batch: dict[str, jax.Array], consts: dict[str, jax.Array]) -> jax.Array:
-    """float32 images [..., H, W, 3] from batch's uint8 `images`, `crops` [..., 3] and, if
-    present, lighting `shifts` [..., 3]."""
-    images, crops = batch["images"], batch["crops"]
+def normalize(batch: Batch, consts: dict[str, jax.Array]) -> jax.Array:
+    """float32 images [..., H, W, 3] from a uint8 batch (batch.raw): its `images`, `crops`
+    [..., 3] and, if present, lighting `shifts` [..., 3]."""
+    images, crops = batch.images, batch.crops
     x = images.astype(jnp.float32)
-    if "shifts" in batch:
-        x = x + batch["shifts"][..., None, None, :]
+    if batch.shifts is not None:
+        x = x + batch.shifts[..., None, None, :]
     per_channel = (1,) * (x.ndim - 1) + (3,)
     mean = consts["mean"]
     if mean.ndim == 3:  # the mean image: each crop's own window

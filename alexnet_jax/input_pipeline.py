@@ -1,7 +1,8 @@
 """tf.data streams over the sources of sources.py, with the paper's transforms (transforms.py):
-host side only, they yield NumPy batches of this process's slice of every global batch, either
-normalised float32 images or (input.normalize_on_device) uint8 crops with what device_input.py
-needs to normalise them.
+host side only, they yield this process's rows of every global batch as a batch.Batch of NumPy
+arrays: normalised float32 images, or (input.normalize_on_device) uint8 crops with what
+device_input.py needs to normalise them. What a stream does with each batch's records is a
+`prepare` function: tf.data's crops here, or dali_input's hand-over to DALI.
 
 Every random choice is a stateless op seeded by (seed, step), drawn for the whole global
 batch (each process takes its rows), and each epoch's order is a permutation seeded by (seed,
@@ -16,16 +17,16 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
+from alexnet_jax.batch import Batch
 from alexnet_jax.errors import UsageError
-from alexnet_jax.sources import Source, Split
+from alexnet_jax.sources import Source
+from alexnet_jax.splits import Split
 from alexnet_jax.transforms import (
     Preprocess,
     eval_preprocess,
     finish,
-    resize_square,
     train_crop,
     train_crop_jpeg,
     train_draws,
@@ -78,23 +79,35 @@ def on_threads(ds: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
-def _uncut(
-    split: Split, records: Any, encoded: bool, p: Preprocess
-) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
-    """What dali_input cuts a batch's crops from, and the labels: the stored JPEGs
-    (`encoded`), or the uint8 images' central squares at the resize size (`square`)."""
-    if encoded:
-        jpegs, labels = split.jpeg(records)
-        return {"encoded": jpegs}, labels
+Prepare = Callable[..., dict[str, tf.Tensor]]  # a stream's records -> a batch's tensors
 
-    def square(record):
-        image, label = split.unpack(record)
-        return resize_square(image, p.resize_size), label
 
-    side = p.resize_size
-    spec = (tf.TensorSpec([side, side, 3], tf.uint8), tf.TensorSpec([], tf.int32))
-    squares, labels = tf.map_fn(square, records, fn_output_signature=spec)
-    return {"square": squares}, labels
+def crop_batch(source: Source, p: Preprocess) -> Prepare:
+    """tf.data's train crops: prepare(records, offsets, flips, shifts) of a batch of train
+    records and their draws (transforms.train_draws) -> the batch's tensors."""
+    size = p.image_size
+    image_spec = tf.TensorSpec([size, size, 3], tf.uint8)
+    # JPEGs stored at the resize size (the paper's 256) decode only their crop window.
+    crop_only = source.stored_size == p.resize_size and source.train.stores_jpeg
+    split = source.train
+
+    def prepare(records, offsets, flips, shifts):
+        if crop_only:
+            jpegs, labels = split.jpeg(records)
+            crop = lambda x: train_crop_jpeg(*x, p)
+            images = tf.map_fn(crop, (jpegs, offsets), fn_output_signature=image_spec)
+        else:
+
+            def crop(x):
+                image, label = split.unpack(x[0])
+                return train_crop(image, x[1], p), label
+
+            out = (image_spec, tf.TensorSpec([], tf.int32))
+            images, labels = tf.map_fn(crop, (records, offsets), fn_output_signature=out)
+        # `finish` leaves mirroring to `normalize` (on the device, as the paper config trains).
+        return {**finish(images, offsets, flips, shifts, p), "labels": labels}
+
+    return prepare
 
 
 def train_dataset(
@@ -107,12 +120,12 @@ def train_dataset(
     num_steps: int,
     rows: Sequence[int] | None = None,
     threads: int | None = None,
-    decode: bool = True,
+    prepare: Prepare | None = None,
 ) -> tf.data.Dataset:
     """Global train batches start_step .. num_steps-1, or only their `rows` (see
-    parallel.process_rows), prepared on `threads` host threads. With `decode=False` (for
-    dali_input) the crops are not cut: each example carries what to cut them from, its JPEG
-    (`encoded`) or its uint8 square at the resize size (`square`), and the crop's `window`."""
+    parallel.process_rows), prepared on `threads` host threads: each batch's records and its
+    draws (crop windows, mirrors, lighting) go to `prepare` (default: `crop_batch`; dali_input
+    passes its own, which hands DALI what to cut)."""
     n = source.train.size
     first = start_step * batch_size
     epoch0, offset = divmod(first, n)
@@ -121,39 +134,33 @@ def train_dataset(
     for e in range(epoch0 + 1, last_epoch + 1):
         ds = ds.concatenate(source.train.epoch(e, seed, 0))
     ds = _process_batches(ds.enumerate(start=first), batch_size, rows)
-    size = preprocess.image_size
-    image_spec = tf.TensorSpec([size, size, 3], tf.uint8)
-    # JPEGs stored at the resize size (the paper's 256) decode only their crop window.
-    crop_only = source.stored_size == preprocess.resize_size and source.train.jpeg is not None
+    prepare = prepare or crop_batch(source, preprocess)
 
-    def prepare(g, keys):
+    def draw_and_prepare(g, keys):
         # A batch per call: the draws are made for the batch, only decoding and cropping run
-        # per example, and `finish` leaves mirroring to `normalize` (on the device, as the
-        # paper config trains): on paper-256 data whatever runs besides decoding is overhead.
+        # per example: on paper-256 data whatever runs besides decoding is overhead.
         step = g[0] // batch_size
         draws = train_draws(seed, step, batch_size, preprocess)
         offsets, flips, shifts = (tf.gather(d, g - step * batch_size) for d in draws)
-        records = source.train.fetch(keys)
-        if not decode:
-            data, labels = _uncut(source.train, records, crop_only, preprocess)
-            crops = tf.concat([offsets, flips[:, None]], 1)
-            return {**data, "window": offsets, "crops": crops, "shifts": shifts, "labels": labels}
-        if crop_only:
-            jpegs, labels = source.train.jpeg(records)
-            crop = lambda x: train_crop_jpeg(*x, preprocess)
-            images = tf.map_fn(crop, (jpegs, offsets), fn_output_signature=image_spec)
-        else:
+        return prepare(source.train.fetch(keys), offsets, flips, shifts)
 
-            def crop(x):
-                image, label = source.train.unpack(x[0])
-                return train_crop(image, x[1], preprocess), label
-
-            out = (image_spec, tf.TensorSpec([], tf.int32))
-            images, labels = tf.map_fn(crop, (records, offsets), fn_output_signature=out)
-        return {**finish(images, offsets, flips, shifts, preprocess), "labels": labels}
-
-    ds = ds.map(prepare, num_parallel_calls=parallelism(threads), deterministic=True)
+    ds = ds.map(draw_and_prepare, num_parallel_calls=parallelism(threads), deterministic=True)
     return on_threads(ds.take(num_steps - start_step).prefetch(PREFETCH_BATCHES), threads)
+
+
+def crop_example(split: Split, p: Preprocess) -> Prepare:
+    """tf.data's eval crops: prepare(record, weight) of one eval example (weight 0: a padding
+    row, whose record is not read) -> its tensors."""
+
+    def prepare(record, weight):
+        image, label = tf.cond(
+            weight > 0,
+            lambda: split.unpack(record),
+            lambda: (tf.zeros([1, 1, 3], tf.uint8), tf.constant(0, tf.int32)),
+        )
+        return {**eval_preprocess(image, p), "labels": label, "weights": weight}
+
+    return prepare
 
 
 def eval_dataset(
@@ -163,50 +170,37 @@ def eval_dataset(
     batch_size: int,
     rows: Sequence[int] | None = None,
     threads: int | None = None,
-    decode: bool = True,
+    prepare: Prepare | None = None,
 ) -> tf.data.Dataset:
     """Every eval example exactly once (of the global batches; a process reads its `rows`);
-    the last global batch is padded with weight-0 rows. With `decode=False` (for dali_input)
-    each example carries, instead of its crops, what to cut them from (as train_dataset's)."""
+    the last global batch is padded with weight-0 rows. Each example goes to `prepare`
+    (default: `crop_example`)."""
     split = source.eval
-    encoded = source.stored_size == preprocess.resize_size and split.jpeg is not None
-    side = preprocess.resize_size
-    if not decode:  # where the crops of every example are taken (the same for all)
-        where = eval_preprocess(tf.zeros([side, side, 3], tf.uint8), preprocess)["crops"]
     real = split.epoch(0, 0, 0).map(lambda key: (key, 1.0))
     ds = real.concatenate(tf.data.Dataset.from_tensors((split.pad_key, 0.0)).repeat(batch_size - 1))
     fetch = lambda g, example: (g, (split.fetch(example[0]), example[1]))
     ds = _process_rows(ds.enumerate(), batch_size, rows, fetch, threads)
-
-    def prepare(g, example):
-        record, weight = example
-        if not decode:
-            batched = tf.nest.map_structure(lambda x: x[None], record)
-            first = lambda x: x[0]
-            one = lambda: tf.nest.map_structure(first, _uncut(split, batched, encoded, preprocess))
-            blank = lambda: (
-                {"square": tf.zeros([side, side, 3], tf.uint8)},
-                tf.constant(0, tf.int32),
-            )
-            # Padding rows carry a real JPEG (DALI decodes every row) and tf.data's label 0.
-            data, label = one() if encoded else tf.cond(weight > 0, one, blank)
-            label = tf.where(weight > 0, label, 0)
-            return {**data, "crops": where, "labels": label, "weights": weight}
-        image, label = tf.cond(
-            weight > 0,
-            lambda: split.unpack(record),
-            lambda: (tf.zeros([1, 1, 3], tf.uint8), tf.constant(0, tf.int32)),
-        )
-        return {**eval_preprocess(image, preprocess), "labels": label, "weights": weight}
-
-    ds = ds.map(prepare, num_parallel_calls=parallelism(threads), deterministic=True)
+    prepare = prepare or crop_example(split, preprocess)
+    each = lambda g, example: prepare(*example)
+    ds = ds.map(each, num_parallel_calls=parallelism(threads), deterministic=True)
     local = batch_size if rows is None else len(rows)
     ds = ds.batch(local, drop_remainder=True).prefetch(PREFETCH_BATCHES)
     return on_threads(ds, threads)
 
 
-def iterate(ds: tf.data.Dataset, split: Split) -> Iterator[dict[str, np.ndarray]]:
-    """NumPy batches; an undecodable image stops the run with its name instead of a TF trace."""
+def train_batches(source: Source, p: Preprocess, **stream: Any) -> Iterator[Batch]:
+    """`train_dataset`'s batches (same keyword arguments) as NumPy."""
+    return (Batch(**b) for b in iterate(train_dataset(source, p, **stream), source.train))
+
+
+def eval_batches(source: Source, p: Preprocess, **stream: Any) -> Iterator[Batch]:
+    """`eval_dataset`'s batches (same keyword arguments) as NumPy."""
+    return (Batch(**b) for b in iterate(eval_dataset(source, p, **stream), source.eval))
+
+
+def iterate(ds: tf.data.Dataset, split: Split) -> Iterator[Any]:
+    """`ds`'s elements as NumPy; an undecodable image of `split` stops the run with its name
+    instead of a TF trace."""
     it = ds.as_numpy_iterator()
     while True:
         try:

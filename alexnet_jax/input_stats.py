@@ -5,14 +5,17 @@ workdir, or taken from where the data keeps them.
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import tensorflow as tf
 from etils import epath
 
+from alexnet_jax import paths
 from alexnet_jax.input_pipeline import iterate, on_threads, parallelism
-from alexnet_jax.sources import Source, Split
+from alexnet_jax.sources import Source
+from alexnet_jax.splits import Split
 from alexnet_jax.transforms import IMAGENET_STATS, Stats, resize_square
 
 
@@ -68,12 +71,8 @@ def get_stats(
     stats = compute_stats(source.train, resize_size, max_images)
     if path is not None and write:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for final, write_to in (
-            (image_path, lambda f: np.save(f, stats.mean_image)),
-            (path, lambda f: f.write(json.dumps({"key": key, **stats.to_dict()}).encode())),
-        ):
-            tmp = final.with_suffix(".tmp")
-            with tmp.open("wb") as f:
-                write_to(f)
-            tmp.replace(final)
+        image = io.BytesIO()
+        np.save(image, stats.mean_image)
+        paths.write_whole(image_path, image.getvalue())
+        paths.write_whole(path, json.dumps({"key": key, **stats.to_dict()}))
     return stats

@@ -30,6 +30,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from alexnet_jax import paths
 from alexnet_jax.errors import UsageError
 
 AGREE_EVERY_STEPS = 10  # multi-process: how often the processes compare their flags
@@ -121,7 +122,7 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     """A workdir as a path Orbax, TensorFlow and the metrics can all write: a URL (gs://...)
     stays a URL; a local path is made absolute (Orbax wants one)."""
     text = os.fspath(workdir)
-    if "://" in text:
+    if paths.is_url(text):
         return epath.Path(text)
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
@@ -217,7 +218,7 @@ class WorkdirLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise UsageError naming the run that holds it."""
-        if "://" in os.fspath(self.path):
+        if paths.is_url(self.path):
             self._acquire_object()
             return
         f = open(self.path, "a+")  # noqa: SIM115 (held until release)

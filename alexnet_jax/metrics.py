@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from absl import logging
 from etils import epath
 
+from alexnet_jax import paths
+
 
 class InFlight:
     """Keeps the host at most `depth` steps ahead of the devices. Unbounded async dispatch
@@ -90,9 +92,7 @@ class MetricsWriter:
         lines = self.path.read_text().splitlines(keepends=True)
         kept = [x for x in lines if x.strip() and keep(x)]
         if len(kept) < len(lines):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(self.path)
+            paths.write_whole(self.path, "".join(kept))
         return len(lines) - len(kept)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:

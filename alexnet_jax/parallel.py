@@ -13,7 +13,7 @@ import functools
 import itertools
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,8 @@ from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.errors import UsageError
 from alexnet_jax.model import AlexNet
+
+T = TypeVar("T")  # a batch: batch.Batch, or any pytree of arrays with rows first
 
 DATA, MODEL = "data", "model"
 
@@ -171,27 +173,29 @@ def _input(mesh: Mesh, batch_size: int) -> tuple[NamedSharding, int, Callable | 
     return input_sharded(mesh, split), len(process_rows(mesh, batch_size, split=split)), join
 
 
-def _identity(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _identity(batch: T) -> T:
     return batch
 
 
-def global_batch(mesh: Mesh, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
-    """This process's rows (`process_rows`) -> global arrays of `batch_size` rows over DATA."""
+def global_batch(mesh: Mesh, local: T, batch_size: int) -> T:
+    """This process's rows (`process_rows`) of a batch (a batch.Batch, or any pytree of
+    arrays) -> global arrays of `batch_size` rows over DATA."""
     sharding, want, join = _input(mesh, batch_size)
-    out = {}
-    for k, v in local.items():
+
+    def place(path: Any, v: Any) -> jax.Array:
         if len(v) != want:
-            raise ValueError(f"{k}: this process holds {len(v)} rows of the batch, needs {want}")
+            name = jax.tree_util.keystr(path, simple=True)
+            raise ValueError(f"{name}: this process holds {len(v)} rows of the batch, not {want}")
         shape = (batch_size, *v.shape[1:])
-        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+        return jax.make_array_from_process_local_data(sharding, v, shape)
+
+    out = jax.tree_util.tree_map_with_path(place, local)
     # Halves of the pairs' rows: the devices gather them, outside the train step, whose
     # program (and the paper's communication pattern) stays the same.
     return out if join is None else join(out)
 
 
-def prefetch(
-    mesh: Mesh, batches: Iterator[dict[str, np.ndarray]], batch_size: int, size: int = 2
-) -> Iterator[dict[str, jax.Array]]:
+def prefetch(mesh: Mesh, batches: Iterator[T], batch_size: int, size: int = 2) -> Iterator[T]:
     """`global_batch` of each of `batches`, copied to the devices `size` steps ahead, so that
     the next batches travel while the current step runs."""
     queue: deque = deque()

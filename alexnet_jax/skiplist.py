@@ -11,9 +11,11 @@ import tensorflow as tf
 from absl import logging
 from etils import epath
 
+from alexnet_jax import paths
 from alexnet_jax.errors import UsageError
 from alexnet_jax.input_pipeline import on_threads, parallelism
-from alexnet_jax.sources import Source, Split
+from alexnet_jax.sources import Source
+from alexnet_jax.splits import Split
 
 
 def undecodable(split: Split) -> list[int]:
@@ -37,9 +39,7 @@ def skip_undecodable(source: Source, workdir: epath.PathLike | None, write: bool
     cached = json.loads(path.read_text()) if path is not None and path.exists() else {}
     # Keyed by the files' names and sizes: indices into a folder that changed would name
     # other images.
-    key = [source.fingerprint] + [
-        s.contents() if s.contents else "" for s in (source.train, source.eval)
-    ]
+    key = [source.fingerprint] + [s.contents() or "" for s in (source.train, source.eval)]
     if cached.get("key") != key:
         logging.info("input.skip_corrupt: decoding every image once to find the bad ones")
         cached = {"key": key}
@@ -48,9 +48,7 @@ def skip_undecodable(source: Source, workdir: epath.PathLike | None, write: bool
             cached[name] = bad
             cached[f"{name}_names"] = [split.describe(0, tf.constant(k, tf.int64)) for k in bad]
         if path is not None and write:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cached, indent=1))
-            tmp.replace(path)
+            paths.write_whole(path, json.dumps(cached, indent=1))
     for name in ("train", "eval"):
         if cached[name]:
             logging.warning(

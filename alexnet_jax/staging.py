@@ -20,6 +20,7 @@ from pathlib import Path
 from absl import logging
 from etils import epath
 
+from alexnet_jax import paths
 from alexnet_jax.errors import UsageError
 
 FINISHED = "dataset_info.json"  # TFDS's metadata: written last, copied last
@@ -27,16 +28,12 @@ CHUNK = 64 << 20  # bytes per read from the bucket
 LOG_EVERY_S = 30.0
 
 
-def is_url(path: str) -> bool:
-    return "://" in path
-
-
 def local_dataset(
     data_dir: str, relative: str, stage_dir: str, not_prepared: Callable[[], UsageError]
 ) -> Path:
     """data_dir/relative as a local directory: itself for a local data_dir, else its copy under
     stage_dir, made or finished here. Raises `not_prepared()` when the dataset has no metadata."""
-    if not is_url(data_dir):
+    if not paths.is_url(data_dir):
         directory = Path(os.path.expanduser(data_dir)) / relative
         if not (directory / FINISHED).exists():
             raise not_prepared()

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from alexnet_jax import backend, device_input, parallel
+from alexnet_jax.batch import Batch
 from alexnet_jax.metrics import Accumulator, means
 from alexnet_jax.model import AlexNet
 from alexnet_jax.optimizer import Optimizer, set_learning_rate
@@ -103,21 +104,21 @@ class Trainer:
         zero = jax.device_put(jnp.zeros((), jnp.float32), parallel.replicated(self.mesh))
         return {k: zero for k in ("loss", "top1_errors", "top5_errors", "count", "learning_rate")}
 
-    def _images(self, batch: dict, consts: dict | None) -> jax.Array:
+    def _images(self, batch: Batch, consts: dict | None) -> jax.Array:
         """The model's input: the batch's images, normalised here when they are uint8 crops."""
-        if not device_input.is_raw(batch):
-            return batch["images"]
+        if not batch.raw:
+            return batch.images
         if consts is None:
             raise ValueError(
                 "a batch of uint8 crops needs the constants that normalise it "
                 "(transforms.device_constants)"
             )
-        return self.normalize({k: batch[k] for k in device_input.KEYS if k in batch}, consts)
+        return self.normalize(batch, consts)
 
     def _train_step(
         self,
         state: TrainState,
-        batch: dict,
+        batch: Batch,
         totals: dict | None = None,
         consts: dict | None = None,
     ) -> tuple[TrainState, dict]:
@@ -125,7 +126,7 @@ class Trainer:
         earlier steps), the sums are added to them here rather than by a dispatch per metric.
         A batch of uint8 crops is normalised with `consts` (transforms.device_constants)
         first."""
-        images, labels = self._images(batch, consts), batch["labels"]
+        images, labels = self._images(batch, consts), batch.labels
         key = jax.random.fold_in(state.rng, state.step)
         masks = parallel.dropout_masks(key, self.model, images.shape[0], self.image_size, self.mesh)
         grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
@@ -140,10 +141,10 @@ class Trainer:
         return new, {**sums, "learning_rate": lr}
 
     def _eval_step(
-        self, eval_fn: Callable, params: Any, batch: dict, consts: dict | None = None
+        self, eval_fn: Callable, params: Any, batch: Batch, consts: dict | None = None
     ) -> dict:
         """Metric sums of one eval batch (see `_train_step` for `consts`)."""
-        return eval_fn(params, self._images(batch, consts), batch["labels"], batch["weights"])
+        return eval_fn(params, self._images(batch, consts), batch.labels, batch.weights)
 
     def input_constants(self, consts: dict[str, np.ndarray] | None) -> dict | None:
         """`consts` (transforms.device_constants: what normalises uint8 batches) on every
@@ -155,7 +156,7 @@ class Trainer:
     def evaluate(
         self,
         state: TrainState,
-        batches: Iterable[dict],
+        batches: Iterable[Batch],
         ten_crop: bool | None = None,
         prefix: str = "eval",
         consts: dict | None = None,

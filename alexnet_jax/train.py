@@ -28,6 +28,7 @@ from alexnet_jax import (
     sources,
     transforms,
 )
+from alexnet_jax.batch import Batch
 from alexnet_jax.config_checks import check_config, profile_window, resolve_batch_size
 from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import (
@@ -363,7 +364,7 @@ class _Run:
             sums = {k: put(saved[k]) for k in sums}
         return sums
 
-    def train_batches(self) -> Iterator[dict]:
+    def train_batches(self) -> Iterator[Batch]:
         """The train stream from the run's position, copied to the devices ahead of the loop;
         the first log interval starts here."""
         stream = dict(seed=self.config.seed, start_step=self.start, num_steps=self.total)
@@ -371,7 +372,7 @@ class _Run:
         self.t_log = time.time()
         return parallel.prefetch(self.trainer.mesh, batches, self.config.batch_size)
 
-    def next_batch(self, batches: Iterator[dict]) -> dict:
+    def next_batch(self, batches: Iterator[Batch]) -> Batch:
         """The next batch, its wait counted towards the interval's data_wait_fraction."""
         t = time.perf_counter()
         batch = next(batches)

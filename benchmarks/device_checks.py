@@ -22,6 +22,8 @@ from functools import partial
 
 import numpy as np
 
+from alexnet_jax.batch import Batch
+
 BFLOAT16_ROUNDING = 2.0**-7  # one rounding of bfloat16 (8 bits of mantissa), relative
 # An input that is the maximum of overlapping 3x3/2 windows (up to four) gets the sum of their
 # gradients, added in bfloat16 in another order than XLA's: up to four roundings apart.
@@ -117,14 +119,14 @@ def op_checks(
     return checks
 
 
-def _batch(config, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+def _batch(config, n: int, seed: int = 0) -> Batch:
     rng = np.random.default_rng(seed)
     s = config.input.image_size
-    return {
-        "images": rng.normal(0, 50, (n, s, s, 3)).astype(np.float32),
-        "labels": rng.integers(0, config.model.num_classes, n).astype(np.int32),
-        "weights": np.ones(n, np.float32),
-    }
+    return Batch(
+        images=rng.normal(0, 50, (n, s, s, 3)).astype(np.float32),
+        labels=rng.integers(0, config.model.num_classes, n).astype(np.int32),
+        weights=np.ones(n, np.float32),
+    )
 
 
 def dtype_check(config, steps: int = 4) -> Check:
@@ -181,7 +183,7 @@ def sharding_check(config) -> Check | None:
                 jax.random.PRNGKey(3), trainer.model, c.batch_size, c.input.image_size, mesh
             )
             grad_fn = jax.jit(jax.value_and_grad(trainer.loss_fn, has_aux=True))
-            (_, sums), grads = grad_fn(state.params, batch["images"], batch["labels"], masks)
+            (_, sums), grads = grad_fn(state.params, batch.images, batch.labels, masks)
             opt_state = set_learning_rate(state.opt_state, jnp.float32(0.01))
             updates = jax.jit(partial(_two_updates, trainer.optimizer.tx))(
                 grads, opt_state, state.params

@@ -13,7 +13,7 @@ configs/alexnet.py's 128:
 - the train path on paper-256 data (decode only the crop window, the same draws), and the
   decoding of those windows alone;
 - the eval path on paper-256 data, centre crop and ten patches;
-- reading paper-256 records, as sources.py does and through TFDS's Python deserialisation;
+- reading paper-256 records, as records.py does and through TFDS's Python deserialisation;
 
 then, per process, the paper-256 train path and the reading with two input threads (against one:
 how far a process's input scales with its cores), the paper-256 train path with DALI decoding on
@@ -132,7 +132,7 @@ def iterator_rate(it) -> float:
     next(it)
     start, count = time.perf_counter(), 0
     for batch in it:
-        count += len(batch["labels"])
+        count += len(batch["labels"] if isinstance(batch, dict) else batch.labels)
     return count / (time.perf_counter() - start)
 
 
@@ -154,11 +154,11 @@ def decode_rate(source, epochs: int, batch: int) -> float:
 
 
 def batched_read(instructions: list) -> Callable[[np.ndarray], np.ndarray]:
-    """sources.py's reader with array_record's batched read instead: a call per shard and
-    batch (the alternative to sources.py's read of a record per call, timed beside it)."""
-    from alexnet_jax import sources
+    """records.py's reader with array_record's batched read instead: a call per shard and
+    batch (the alternative to records.py's read of a record per call, timed beside it)."""
+    from alexnet_jax import records
 
-    class _BatchedRows(sources.ArrayRecordRows):
+    class _BatchedRows(records.ArrayRecordRows):
         def read(self, keys: np.ndarray) -> np.ndarray:
             shard = np.searchsorted(self._starts, keys, side="right") - 1
             readers = self._open(np.unique(shard))
@@ -192,21 +192,21 @@ def records_rate(fetch, size: int, batch: int, epochs: int, threads: int = 1) ->
 
 def read_rates(directory: Path, batch: int, epochs: int) -> dict[str, Callable[[], float]]:
     """Records/s of reading paper-256's train split a batch of keys per call, in a shuffled
-    order, three ways: as sources.py reads (a record per read call, parsed by TensorFlow a
+    order, three ways: as records.py reads (a record per read call, parsed by TensorFlow a
     batch at once), with array_record's batched read instead, and through TFDS's per-example
     deserialisation in Python."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from alexnet_jax import sources
+    from alexnet_jax import records
 
     builder = tfds.builder_from_directory(str(directory))
-    split = sources.tfds_random_access(builder, "train", shuffle=False)
-    batched = batched_read(sources.array_record_files(builder, "train"))
+    split = records.RecordSplit(builder, "train", shuffle=False)
+    batched = batched_read(records.array_record_files(builder, "train"))
 
     def batched_fetch(keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        records = tf.numpy_function(batched, [keys], tf.string, stateful=False)
-        example = tf.io.parse_example(tf.ensure_shape(records, [None]), sources.EXAMPLE_SPEC)
+        out = tf.numpy_function(batched, [keys], tf.string, stateful=False)
+        example = tf.io.parse_example(tf.ensure_shape(out, [None]), records.EXAMPLE_SPEC)
         return example["image"], tf.cast(example["label"], tf.int32)
 
     tfds_source = builder.as_data_source(
@@ -454,7 +454,7 @@ def dali_pixels(source, p, batch: int) -> tuple[float, int, float]:
     stream = dict(seed=0, batch_size=batch, start_step=0, num_steps=1, threads=1)
     dali = next(loaders.train_batches(source, dataclasses.replace(p, loader="dali"), **stream))
     tfdata = next(loaders.train_batches(source, dataclasses.replace(p, loader="tf.data"), **stream))
-    diff = np.abs(dali["images"].astype(int) - tfdata["images"])
+    diff = np.abs(dali.images.astype(int) - tfdata.images)
     return float(diff.mean()), int(diff.max()), float(np.mean(diff == 0))
 
 

@@ -8,13 +8,13 @@ shards holding the JPEG alone (the labels in an array), and times, in a process 
 GPU or TPU host (freed memory kept, glibc's arenas as they come):
 
 - one thread, outside TensorFlow, µs a record: a `pread` of as many bytes at random offsets;
-  array_record's read of one record as a range (as sources.py reads), as a list of one index,
+  array_record's read of one record as a range (as records.py reads), as a list of one index,
   and the same range read on the zstd shards; its batched read, per record;
 - bare range reads, records/s: one and two threads sharing a reader, one and two processes;
 - TensorFlow's half: a batch of records already in memory, handed over by `numpy_function` and
   parsed, on one and two tf.data threads; the same without the parse;
 - memory: large NumPy copies on one and two threads, GB/s;
-- tf.data reading as sources.py reads, one and two threads; the JPEG-alone records, one and two
+- tf.data reading as records.py reads, one and two threads; the JPEG-alone records, one and two
   threads (the labels gathered from an array); array_record's batched read in one thread, the
   baseline of the ratios.
 
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> None:
     import tensorflow_datasets as tfds
     from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-    from alexnet_jax import paper256, sources
+    from alexnet_jax import paper256, records
     from benchmarks import input_pipeline as bench
 
     n = FLAGS.images
@@ -128,9 +128,9 @@ def main(argv: list[str]) -> None:
         bench.synthetic_imagenet(root, n, processes=2)
         directory = root / "data" / paper256.NAME / paper256.VERSION
         builder = tfds.builder_from_directory(str(directory))
-        files = sources.array_record_files(builder, "train")
-        records = [r for f in files for r in ArrayRecordReader(str(f.filename)).read_all()]
-        parsed = tf.io.parse_example(tf.constant(records), sources.EXAMPLE_SPEC)
+        files = records.array_record_files(builder, "train")
+        serialized = [r for f in files for r in ArrayRecordReader(str(f.filename)).read_all()]
+        parsed = tf.io.parse_example(tf.constant(serialized), records.EXAMPLE_SPEC)
         jpegs, labels = parsed["image"].numpy().tolist(), parsed["label"].numpy()
 
         def write(name: str, items: list[bytes], options: str) -> str:
@@ -140,34 +140,34 @@ def main(argv: list[str]) -> None:
             writer.close()
             return str(root / name)
 
-        used = write("used.array_record", records, paper256.SHARD_OPTIONS)
-        zstd = write("zstd.array_record", records, "group_size:1")
+        used = write("used.array_record", serialized, paper256.SHARD_OPTIONS)
+        zstd = write("zstd.array_record", serialized, "group_size:1")
         alone = write("jpeg.array_record", jpegs, paper256.SHARD_OPTIONS)
         reader, zstd_reader = (
             ArrayRecordReader(p, "readahead_buffer_size:0") for p in (used, zstd)
         )
-        size = int(np.mean([len(r) for r in records]))
+        size = int(np.mean([len(r) for r in serialized]))
         fd = os.open(used, os.O_RDONLY)
         offsets = np.random.default_rng(2).integers(0, os.path.getsize(used) - size, n).tolist()
 
-        # tf.data: sources.py's reader on the prepared split; the JPEG-alone records; the batched
+        # tf.data: records.py's reader on the prepared split; the JPEG-alone records; the batched
         # read. Each returns (images, labels) for a batch of keys.
-        split = sources.tfds_random_access(builder, "train", shuffle=False)
+        split = records.RecordSplit(builder, "train", shuffle=False)
         one = lambda p: types.SimpleNamespace(filename=p, skip=0, take=n)
         batched = bench.batched_read([one(used)])
-        jpeg_rows = sources.ArrayRecordRows([one(alone)])
+        jpeg_rows = records.ArrayRecordRows([one(alone)])
         label_table = tf.constant(labels.astype(np.int32))
 
         def batched_fetch(keys):
             out = tf.numpy_function(batched, [keys], tf.string, stateful=False)
-            example = tf.io.parse_example(tf.ensure_shape(out, [None]), sources.EXAMPLE_SPEC)
+            example = tf.io.parse_example(tf.ensure_shape(out, [None]), records.EXAMPLE_SPEC)
             return example["image"], tf.cast(example["label"], tf.int32)
 
         def jpeg_fetch(keys):
             images = tf.numpy_function(jpeg_rows.read, [keys], tf.string, stateful=False)
             return images, tf.gather(label_table, keys)
 
-        in_memory = np.array(records[:BATCH], dtype=object)  # the bytes objects themselves
+        in_memory = np.array(serialized[:BATCH], dtype=object)  # the bytes objects themselves
 
         def handed_over(parse: bool):
             def fetch(keys):
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
                 out = tf.numpy_function(give, [keys], tf.string, stateful=False)
                 if not parse:
                     return out, tf.zeros_like(keys, tf.int32)
-                example = tf.io.parse_example(tf.ensure_shape(out, [None]), sources.EXAMPLE_SPEC)
+                example = tf.io.parse_example(tf.ensure_shape(out, [None]), records.EXAMPLE_SPEC)
                 return example["image"], tf.cast(example["label"], tf.int32)
 
             return fetch

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from alexnet_jax import parallel, steps
+from alexnet_jax.batch import Batch
 from alexnet_jax.model import AlexNet
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
@@ -200,10 +201,10 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple:
     trainer = steps.Trainer(config, mesh)
     s = config.input.image_size
     shard = parallel.batch_sharded(mesh)
-    batch = {
-        "images": jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.float32, sharding=shard),
-        "labels": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=shard),
-    }
+    batch = Batch(
+        images=jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.float32, sharding=shard),
+        labels=jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=shard),
+    )
     return trainer.train_step.lower(trainer.abstract_state, batch).compile(), trainer
 
 

@@ -103,26 +103,29 @@ def synthetic_batch(config, mesh, trainer):
     """A global batch as the input pipeline ships it, and constants that normalise it as
     transforms.device_constants would (the config's kind of mean, a std where it divides),
     made here so that the step runs without TensorFlow."""
+    import jax
+
     from alexnet_jax import parallel
+    from alexnet_jax.batch import Batch
 
     i, b = config.input, config.batch_size
     rng = np.random.default_rng(0)
     room = i.resize_size - i.image_size + 1
-    local = {
-        "images": rng.integers(0, 256, (b, i.image_size, i.image_size, 3)).astype(np.uint8),
-        "crops": np.stack(
+    local = Batch(
+        images=rng.integers(0, 256, (b, i.image_size, i.image_size, 3)).astype(np.uint8),
+        crops=np.stack(
             [rng.integers(0, room, b), rng.integers(0, room, b), np.arange(b) % 2], 1
         ).astype(np.int32),
-        "shifts": rng.normal(0, 5, (b, 3)).astype(np.float32),
-        "labels": rng.integers(0, config.model.num_classes, b).astype(np.int32),
-    }
+        shifts=rng.normal(0, 5, (b, 3)).astype(np.float32),
+        labels=rng.integers(0, config.model.num_classes, b).astype(np.int32),
+    )
     mean_shape = (i.resize_size, i.resize_size, 3) if i.mean == "image" else (3,)
     consts = {
         "mean": np.full(mean_shape, 120.0, np.float32),
         "std": np.full(3, 60.0 if i.divide_by_std else 1.0, np.float32),
     }
     rows = parallel.process_rows(mesh, b)
-    local = {k: v[rows] for k, v in local.items()}
+    local = jax.tree.map(lambda v: v[rows], local)
     return parallel.global_batch(mesh, local, b), trainer.input_constants(consts)
 
 

@@ -10,8 +10,9 @@ from test_paper256 import _cfg, prepared  # noqa: F401  (the prepared paper-256 
 
 from alexnet_jax import UsageError, dali_input, loaders, sources, train, transforms
 from alexnet_jax import input_pipeline as ip
+from alexnet_jax.batch import Batch
 
-KEYS = {"images", "crops", "shifts", "labels"}
+FIELDS = {"images", "crops", "shifts", "labels"}  # what a uint8 train batch holds
 
 
 def _digits():
@@ -33,22 +34,27 @@ def _eval(loader, source, p, rows=None, batch=8):
     return list(loaders.eval_batches(source, p, batch_size=batch, rows=rows, threads=2))
 
 
+def _held(batch):
+    """The names of the arrays a Batch holds."""
+    return {k for k, v in batch._asdict().items() if v is not None}
+
+
 def _assert_same(got, want, images=True):
     assert len(got) == len(want) > 0
     for a, b in zip(got, want, strict=True):
-        assert a.keys() == b.keys()
-        for k in a:
+        assert _held(a) == _held(b)
+        for k in _held(a):
             if k != "images" or images:
-                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+                np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
 
 
 def test_dali_cuts_the_digits_crops_tf_data_cuts():
     source, p = _digits()
     want = _train("tf.data", source, p)
-    assert want[0].keys() == KEYS
+    assert _held(want[0]) == FIELDS
     # The draws differ between examples: equal batches mean the same windows were cut.
-    assert len({tuple(c) for b in want for c in b["crops"]}) > 16
-    assert not np.array_equal(want[0]["images"][0], want[0]["images"][1])
+    assert len({tuple(c) for b in want for c in b.crops}) > 16
+    assert not np.array_equal(want[0].images[0], want[0].images[1])
     _assert_same(_train("dali", source, p), want)
     # A process's rows, and a resumed stream, are tf.data's too.
     _assert_same(
@@ -62,8 +68,8 @@ def test_dali_eval_centre_and_ten_patches_equal_tf_data(ten):
     source, p = _digits()
     p = dataclasses.replace(p, ten_crop=ten)
     want = _eval("tf.data", source, p, batch=64)
-    assert want[0]["images"].shape[1:] == ((10,) if ten else ()) + (27, 27, 3)
-    assert want[-1]["weights"].min() == 0  # the last batch is padded
+    assert want[0].images.shape[1:] == ((10,) if ten else ()) + (27, 27, 3)
+    assert want[-1].weights.min() == 0  # the last batch is padded
     _assert_same(_eval("dali", source, p, batch=64), want)
     _assert_same(
         _eval("dali", source, p, rows=[1, 5], batch=8), _eval("tf.data", source, p, rows=[1, 5])
@@ -74,7 +80,9 @@ def _reference(source, p, start, steps, batch, fancy):
     """tf.data's train stream, its windows decoded by TensorFlow with or without
     interpolated chroma upsampling (the exact IDCT)."""
     stream = dict(seed=5, batch_size=batch, start_step=start, num_steps=steps)
-    uncut = list(ip.iterate(ip.train_dataset(source, p, decode=False, **stream), source.train))
+    prepare = dali_input.train_prepare(source, p)
+    uncut = list(ip.iterate(ip.train_dataset(source, p, prepare=prepare, **stream), source.train))
+    batches = []
     for b in uncut:
         crops = []
         for jpeg, (top, left) in zip(b.pop("encoded"), b.pop("window"), strict=True):
@@ -84,8 +92,8 @@ def _reference(source, p, start, steps, batch, fancy):
                     jpeg, window, 3, fancy_upscaling=fancy, dct_method="INTEGER_ACCURATE"
                 ).numpy()
             )
-        b["images"] = np.stack(crops)
-    return uncut
+        batches.append(Batch(images=np.stack(crops), **b))
+    return batches
 
 
 def _paper256(prepared):  # noqa: F811
@@ -99,19 +107,19 @@ def test_dali_decodes_the_paper256_windows_tf_data_draws(prepared):  # noqa: F81
     got = _train("dali", source, p, steps=3, batch=4)
     used = _train("tf.data", source, p, steps=3, batch=4)
     _assert_same(got, used, images=False)  # the same windows, mirrors, shifts and labels
-    assert len({tuple(c) for b in used for c in b["crops"]}) > 8
+    assert len({tuple(c) for b in used for c in b.crops}) > 8
     # Pixels: DALI's decoder interpolates chroma (libjpeg-turbo's "fancy" upsampling); the
     # same windows decoded so by TensorFlow agree on all but a few pixels; windows one pixel
     # off agree on far fewer (these smooth test photographs still share many).
     fancy = _reference(source, p, 0, 3, 4, fancy=True)
-    a = np.concatenate([b["images"] for b in got]).astype(int)
-    same = np.mean(a == np.concatenate([b["images"] for b in fancy]))
+    a = np.concatenate([b.images for b in got]).astype(int)
+    same = np.mean(a == np.concatenate([b.images for b in fancy]))
     assert same > 0.999, same
-    shifted = np.mean(a[:, :-1] == np.concatenate([b["images"] for b in fancy])[:, 1:])
+    shifted = np.mean(a[:, :-1] == np.concatenate([b.images for b in fancy])[:, 1:])
     assert shifted < 0.9, shifted
     # Against the tf.data path (no chroma interpolation): the difference stated in
     # docs/performance.md, a grey level or two on average.
-    diff = np.abs(a - np.concatenate([b["images"] for b in used]))
+    diff = np.abs(a - np.concatenate([b.images for b in used]))
     assert 0 < diff.mean() < 2.5, diff.mean()
     # A resumed stream sees the same batches.
     _assert_same(_train("dali", source, p, start=1, steps=3, batch=4), got[1:])
@@ -123,10 +131,10 @@ def test_dali_paper256_eval_patches(prepared, ten):  # noqa: F811
     p = dataclasses.replace(p, ten_crop=ten)
     got, want = _eval("dali", source, p, batch=4), _eval("tf.data", source, p, batch=4)
     _assert_same(got, want, images=False)
-    assert sum(b["weights"].sum() for b in got) == source.eval.size == 6
-    real = np.concatenate([b["weights"] for b in got]) > 0  # padding rows' pixels differ
-    a = np.concatenate([b["images"] for b in got])[real].astype(int)
-    diff = np.abs(a - np.concatenate([b["images"] for b in want])[real])
+    assert sum(b.weights.sum() for b in got) == source.eval.size == 6
+    real = np.concatenate([b.weights for b in got]) > 0  # padding rows' pixels differ
+    a = np.concatenate([b.images for b in got])[real].astype(int)
+    diff = np.abs(a - np.concatenate([b.images for b in want])[real])
     assert 0 < diff.mean() < 2.5, diff.mean()
     if ten:  # the patches are the centre and corners, twice (the device mirrors five)
         np.testing.assert_array_equal(a[:, :5], a[:, 5:])

@@ -27,7 +27,7 @@ def _setup(tiny, **overrides):
 
 
 def _train_batch(config, source, p, on_device, step=0):
-    ds = input_pipeline.train_dataset(
+    batches = input_pipeline.train_batches(
         source,
         dataclasses.replace(p, on_device=on_device),
         seed=1,
@@ -35,21 +35,19 @@ def _train_batch(config, source, p, on_device, step=0):
         start_step=step,
         num_steps=step + 1,
     )
-    return next(ds.as_numpy_iterator())
+    return next(batches)
 
 
 def _eval_batch(config, source, p, on_device, ten_crop):
     q = dataclasses.replace(p, on_device=on_device, ten_crop=ten_crop)
-    ds = input_pipeline.eval_dataset(source, q, batch_size=config.batch_size)
-    return next(ds.as_numpy_iterator())
+    return next(input_pipeline.eval_batches(source, q, batch_size=config.batch_size))
 
 
 def _on_device(batch, p, mesh):
     """Normalise a host batch of uint8 crops as the steps do, on `mesh`."""
-    glob = parallel.global_batch(mesh, batch, len(batch["labels"]))
-    raw = {k: glob[k] for k in device_input.KEYS if k in glob}
+    glob = parallel.global_batch(mesh, batch, batch.size)
     consts = transforms.device_constants(p)
-    return np.asarray(jax.jit(parallel.batch_fn(device_input.normalize, mesh))(raw, consts))
+    return np.asarray(jax.jit(parallel.batch_fn(device_input.normalize, mesh))(glob, consts))
 
 
 @pytest.mark.parametrize("mean, divide", [("image", False), ("image", True), ("channel", False)])
@@ -58,23 +56,23 @@ def test_train_crops_normalised_on_the_device_equal_the_host_path(tiny, mean, di
     host = _train_batch(config, source, p, on_device=False)
     raw = _train_batch(config, source, p, on_device=True)
     # The batch varies in every way the device must follow.
-    assert raw["images"].dtype == np.uint8 and host["images"].dtype == np.float32
-    assert raw["images"].nbytes * 4 == host["images"].nbytes
-    crops = raw["crops"]
+    assert raw.images.dtype == np.uint8 and host.images.dtype == np.float32
+    assert raw.images.nbytes * 4 == host.images.nbytes
+    crops = raw.crops
     assert len(set(crops[:, 0])) > 2 and len(set(crops[:, 1])) > 2
     assert 0 < crops[:, 2].sum() < len(crops)  # some mirrored, some not
-    assert np.all(np.abs(raw["shifts"]) > 0) and np.ptp(raw["shifts"], 0).min() > 0.1
+    assert np.all(np.abs(raw.shifts) > 0) and np.ptp(raw.shifts, 0).min() > 0.1
     mesh = parallel.create_mesh(2, 2)
     out = _on_device(raw, p, mesh)
-    np.testing.assert_allclose(out, host["images"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out, host.images, rtol=1e-5, atol=1e-4)
     if mean == "image":
         image = p.stats.mean_image
         assert np.ptp(image) > 50  # a real mean image, not a constant
         # The window and its mirror matter: without them the result is far off.
-        unmirrored = _on_device({**raw, "crops": crops * [1, 1, 0]}, p, mesh)
-        assert np.abs(unmirrored - host["images"]).max() > 1.0 / (63.0 if divide else 1.0)
+        unmirrored = _on_device(raw._replace(crops=crops * [1, 1, 0]), p, mesh)
+        assert np.abs(unmirrored - host.images).max() > 1.0 / (63.0 if divide else 1.0)
         channel = dataclasses.replace(p, mean="channel")
-        assert np.abs(_on_device(raw, channel, mesh) - host["images"]).max() > 1.0
+        assert np.abs(_on_device(raw, channel, mesh) - host.images).max() > 1.0
 
 
 @pytest.mark.parametrize("ten_crop", [False, True])
@@ -82,11 +80,11 @@ def test_eval_crops_normalised_on_the_device_equal_the_host_path(tiny, ten_crop)
     config, source, p = _setup(tiny, **{"input.divide_by_std": True})
     host = _eval_batch(config, source, p, False, ten_crop)
     raw = _eval_batch(config, source, p, True, ten_crop)
-    assert raw["images"].dtype == np.uint8 and "shifts" not in raw
-    assert raw["crops"].shape == ((config.batch_size, 10, 3) if ten_crop else (16, 3))
+    assert raw.images.dtype == np.uint8 and raw.shifts is None
+    assert raw.crops.shape == ((config.batch_size, 10, 3) if ten_crop else (16, 3))
     out = _on_device(raw, p, parallel.create_mesh(4, 1))
     assert np.ptp(out) > 1.0
-    np.testing.assert_allclose(out, host["images"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out, host.images, rtol=1e-5, atol=1e-4)
 
 
 def test_the_step_on_uint8_batches_equals_the_step_on_float_batches(tiny):

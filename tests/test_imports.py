@@ -148,13 +148,26 @@ def test_importing_the_package_loads_neither_tensorflow_nor_orbax():
 
 # What runs on a GPU image with JAX's stack alone (DESIGN.md): the model, the sharded step and
 # the checkpoints; the data modules and TensorBoard's writer sit above them.
-JAX_STACK = ("model", "parallel", "optimizer", "config_checks", "steps", "checkpoint", "metrics")
+JAX_STACK = (
+    "model",
+    "parallel",
+    "optimizer",
+    "config_checks",
+    "batch",
+    "device_input",
+    "steps",
+    "checkpoint",
+    "metrics",
+)
 DATA = (
     "transforms",
     "input_pipeline",
     "input_stats",
     "skiplist",
     "sources",
+    "records",
+    "splits",
+    "loaders",
     "paper256",
     "staging",
     "dali_input",
@@ -192,6 +205,7 @@ jax.config.update("jax_num_cpu_devices", 2)
 import numpy as np
 
 from alexnet_jax import checkpoint, config_checks, model, optimizer, parallel, steps  # noqa
+from alexnet_jax.batch import Batch
 from configs import digits
 
 config = digits.get_config()
@@ -200,11 +214,11 @@ config.input.image_size = config.input.resize_size = 67
 config_checks.check_config(config, jax.device_count(), 1)
 trainer = steps.Trainer(config, parallel.create_mesh(1, 2))
 rng = np.random.default_rng(0)
-local = {
-    "images": rng.normal(size=(4, 67, 67, 3)).astype(np.float32),
-    "labels": np.arange(4, dtype=np.int32),
-    "weights": np.ones(4, np.float32),
-}
+local = Batch(
+    images=rng.normal(size=(4, 67, 67, 3)).astype(np.float32),
+    labels=np.arange(4, dtype=np.int32),
+    weights=np.ones(4, np.float32),
+)
 batch = parallel.global_batch(trainer.mesh, local, 4)
 state = trainer.init_state(0)
 losses = []

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import write_folder
 
-from alexnet_jax import UsageError, input_stats, sources, transforms
+from alexnet_jax import UsageError, input_stats, sources, splits, transforms
 from alexnet_jax import input_pipeline as ip
 
 
@@ -86,12 +86,12 @@ def _indexed_source(n, log=None):
             log.append(int(i))
         return images[int(i)], np.int32(i)
 
-    def read(i):
-        image, label = tf.numpy_function(read_np, [i], (tf.uint8, tf.int32))
-        return tf.ensure_shape(image, [4, 4, 3]), tf.ensure_shape(label, [])
+    class Logged(splits.IndexedSplit):
+        def unpack(self, i):
+            image, label = tf.numpy_function(read_np, [i], (tf.uint8, tf.int32))
+            return tf.ensure_shape(image, [4, 4, 3]), tf.ensure_shape(label, [])
 
-    split = sources._indexed_split(n, read, True, lambda i, key: str(key))
-    held_out = sources._indexed_split(n, read, False, lambda i, key: str(key))
+    split, held_out = Logged(n, shuffle=True), Logged(n, shuffle=False)
     return sources.Source("indexed", "indexed", ["x"] * n, split, held_out)
 
 
@@ -148,7 +148,7 @@ def test_processes_read_disjoint_examples():
         labels.append(np.concatenate([b["labels"] for b in batches]))
         reads.append(set(log))
     order = (
-        sources._permutation(40, 0, 0).numpy().reshape(5, 2, 4)
+        splits.permutation(40, 0, 0).numpy().reshape(5, 2, 4)
     )  # epoch 0: 5 global batches of 2 x 4
     for index in range(2):
         own = set(order[:, index].ravel().tolist())  # this process's rows of every batch

@@ -3,12 +3,12 @@ cached in the workdir under the data's key."""
 
 import numpy as np
 
-from alexnet_jax import input_stats, sources
+from alexnet_jax import input_stats, sources, splits
 
 
 def test_stats_of_the_training_split_match_numpy():
     images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3)).astype(np.uint8)
-    split = sources._array_split(images, np.zeros(20, np.int64), shuffle=True)
+    split = splits.ArraySplit(images, np.zeros(20, np.int64), shuffle=True)
     stats = input_stats.compute_stats(split, 8, 100)
     pixels = images.reshape(-1, 3).astype(np.float64)
     np.testing.assert_allclose(stats.mean, pixels.mean(0), rtol=1e-6)

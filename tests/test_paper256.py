@@ -284,29 +284,8 @@ def test_train_and_evaluate_with_ten_patches(prepared, tmp_path):
 def _stream(source, start, steps, on_device=True):
     stats = transforms.Stats.from_dict(source.stats, source.mean_image)
     p = transforms.Preprocess(stats, 227, 256, True, 0.1, mean="image", on_device=on_device)
-    ds = ip.train_dataset(source, p, seed=3, batch_size=4, start_step=start, num_steps=steps)
-    return list(ip.iterate(ds, source.train)), p
-
-
-def test_records_are_read_straight_from_the_shards_as_tfds_reads_them(prepared):
-    import tensorflow_datasets as tfds
-
-    directory = prepared[2]
-    builder = tfds.builder_from_directory(str(directory))
-    files = sources.array_record_files(builder, "train")
-    assert files is not None and len(files) > 1  # keys cross shards
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    for f in files:  # a record per chunk, not compressed (JPEGs do not compress)
-        options = ArrayRecordReader(str(f.filename)).writer_options_string().split(",")
-        assert "group_size:1" in options and "uncompressed" in options, options
-    raw = tfds.decode.DeserializeMethod.RAW_BYTES
-    tfds_source = builder.as_data_source(split="train", deserialize_method=raw)
-    keys = np.random.default_rng(0).permutation(len(tfds_source))
-    got = sources.ArrayRecordRows(files).read(keys)
-    want = tfds_source.__getitems__([int(k) for k in keys])
-    assert len(set(got)) == len(keys)  # distinct records, in the keys' order
-    assert list(got) == list(want)
+    stream = dict(seed=3, batch_size=4, start_step=start, num_steps=steps)
+    return list(ip.train_batches(source, p, **stream)), p
 
 
 def test_the_crop_window_path_equals_decoding_the_whole_image(prepared):
@@ -315,24 +294,23 @@ def test_the_crop_window_path_equals_decoding_the_whole_image(prepared):
     source = sources.paper256_source(_cfg(prepared))
     fast, p = _stream(source, 0, 4)
     plain, _ = _stream(dataclasses.replace(source, stored_size=None), 0, 4)
-    assert fast[0]["images"].dtype == np.uint8  # what travels to the devices
-    assert not np.array_equal(fast[0]["images"][0], fast[0]["images"][1])
-    assert len({tuple(c) for b in fast for c in b["crops"]}) > 8
+    assert fast[0].images.dtype == np.uint8  # what travels to the devices
+    assert not np.array_equal(fast[0].images[0], fast[0].images[1])
+    assert len({tuple(c) for b in fast for c in b.crops}) > 8
     for a, b in zip(fast, plain, strict=True):
-        assert a.keys() == b.keys() == {"images", "labels", "crops", "shifts"}
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+        assert a.weights is b.weights is None
+        for k in ("images", "labels", "crops", "shifts"):
+            np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
     # A resumed run sees the batches an uninterrupted one would (12 images: 3 per epoch).
     for a, b in zip(fast[2:], _stream(source, 2, 4)[0], strict=True):
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+        for k in ("images", "labels", "crops", "shifts"):
+            np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
     # Normalised on the device, with the mean image's windows: the host's float32 path.
     host, _ = _stream(source, 0, 4, on_device=False)
     norm = jax.jit(device_input.normalize)
     consts = transforms.device_constants(p)
     for a, b in zip(fast, host, strict=True):
-        raw = {k: a[k] for k in device_input.KEYS}
-        np.testing.assert_allclose(norm(raw, consts), b["images"], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(norm(a, consts), b.images, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.slow  # prepares and reads a few dozen photographs, one core each

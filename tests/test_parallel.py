@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import UsageError, parallel, steps
+from alexnet_jax.batch import Batch
 from alexnet_jax.model import AlexNet
 from alexnet_jax.optimizer import Optimizer, set_learning_rate
 
@@ -68,12 +69,12 @@ def test_sharded_step_equals_single_device(tiny, dropout, classes):
         fc8_split = parallel.tower_model(trainer.model, trainer.mesh).fc8_shards > 1
         assert fc8_split == (model == 2 and classes % 2 == 0)
         state = trainer.init_state(0)
-        batch = parallel.global_batch(trainer.mesh, {"images": images, "labels": labels}, 8)
+        batch = parallel.global_batch(trainer.mesh, Batch(images, labels), 8)
         drawn = parallel.dropout_masks(jax.random.PRNGKey(3), trainer.model, 8, 67, trainer.mesh)
         for a, b in zip(drawn, masks, strict=True):  # masks: the same on every mesh
             np.testing.assert_array_equal(a, b)
         grad_fn = jax.jit(jax.value_and_grad(trainer.loss_fn, has_aux=True))
-        (loss, _), grads = grad_fn(state.params, batch["images"], batch["labels"], drawn)
+        (loss, _), grads = grad_fn(state.params, batch.images, batch.labels, drawn)
         opt_state = set_learning_rate(state.opt_state, jnp.float32(0.01))
         updates2 = jax.jit(partial(_two_updates, trainer.optimizer.tx))(
             grads, opt_state, state.params
@@ -98,9 +99,7 @@ def test_ten_patch_eval_averages_the_softmax(tiny, mesh):
     images = rng.normal(size=(4, 10, 67, 67, 3)).astype(np.float32)
     labels = np.array([0, 3, 5, 9], np.int32)
     weights = np.array([1, 1, 1, 0], np.float32)  # the last row is padding
-    batch = parallel.global_batch(
-        trainer.mesh, {"images": images, "labels": labels, "weights": weights}, 4
-    )
+    batch = parallel.global_batch(trainer.mesh, Batch(images, labels, weights), 4)
     sums = jax.device_get(trainer.eval_step(state.params, batch))
 
     params = jax.device_get(state.params)
@@ -238,7 +237,7 @@ def test_a_tower_pair_split_over_processes_reads_each_row_once():
 
 def test_a_batch_of_the_wrong_size_is_refused():
     mesh = parallel.create_mesh(4, 2)
-    with pytest.raises(ValueError, match="holds 4 rows of the batch, needs 8"):
+    with pytest.raises(ValueError, match="holds 4 rows of the batch, not 8"):
         parallel.global_batch(mesh, {"labels": np.zeros(4, np.int32)}, 8)
 
 

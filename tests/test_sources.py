@@ -1,5 +1,4 @@
-"""Data sources: the embedded digits, image folders, TFDS imagenet2012 (mock data), and the
-per-epoch orders of a random-access split."""
+"""Data sources: the embedded digits, image folders, TFDS imagenet2012 (mock data)."""
 
 import contextlib
 from unittest import mock
@@ -23,21 +22,6 @@ def _cfg(**kw):
 
 def _keys(split, epoch, seed=0, start=0):
     return [int(k) for k in split.epoch(epoch, seed, start)]
-
-
-def test_each_epoch_is_its_own_permutation_of_the_split():
-    split = sources.digits_source().train
-    e0, e1, again = _keys(split, 0), _keys(split, 1), _keys(split, 0)
-    assert sorted(e0) == sorted(e1) == list(range(split.size))  # every example once
-    assert e0 == again  # a function of (seed, epoch)
-    assert e0 != e1  # a new order every epoch
-    assert _keys(split, 0, seed=1) != e0  # and every seed
-    assert _keys(split, 1, start=100) == e1[100:]  # resumable mid-epoch
-
-
-def test_the_held_out_split_is_in_order_and_fixed():
-    held_out = sources.digits_source().eval
-    assert _keys(held_out, 0) == _keys(held_out, 3, seed=5) == list(range(360))
 
 
 def test_the_digits_are_scikit_learns():
@@ -140,12 +124,3 @@ def test_imagenet_path_on_tfds_mock_data(storage, monkeypatch):
     assert sum(b["weights"].sum() for b in evals) == 12
     if storage == "array_record":  # read a global batch per Python call, not an example
         assert batched_reads and set(batched_reads) == {8}
-
-
-def test_a_split_without_some_keys_keeps_each_epochs_order_of_the_rest():
-    split = sources.digits_source().train
-    kept = split.without([3, 100, 7])
-    assert kept.size == split.size - 3
-    e1 = _keys(kept, 1)
-    assert e1 == [k for k in _keys(split, 1) if k not in (3, 100, 7)]
-    assert _keys(kept, 1, start=50) == e1[50:]  # a resumed run sees the rest in order

@@ -6,7 +6,7 @@ from etils import epath
 from etils.epath import gpath
 from test_lifecycle import _redirect
 
-from alexnet_jax import UsageError, staging
+from alexnet_jax import UsageError, paths, staging
 
 RELATIVE = "ds/1.0.0"
 FILES = {
@@ -84,4 +84,4 @@ def test_a_dataset_without_its_metadata_is_not_prepared(bucket, tmp_path):
 
 
 def test_urls():
-    assert staging.is_url("gs://bucket/x") and not staging.is_url("/data/x")
+    assert paths.is_url("gs://bucket/x") and not paths.is_url("/data/x")

@@ -25,7 +25,7 @@ def _fixed_batch(config, n=None, on_device=False):
     source = sources.create_source(config.input)
     stats = input_stats.get_stats(source, config.input.resize_size, 100, None)
     preprocess = transforms.Preprocess.from_config(config.input, stats)
-    ds = input_pipeline.train_dataset(
+    batches = input_pipeline.train_batches(
         source,
         dataclasses.replace(preprocess, on_device=on_device),
         seed=0,
@@ -33,12 +33,12 @@ def _fixed_batch(config, n=None, on_device=False):
         start_step=0,
         num_steps=1,
     )
-    return next(ds.as_numpy_iterator())
+    return next(batches)
 
 
 def _grad(trainer, batch):
     """The gradient of the mean loss on `batch` without dropout, jitted."""
-    loss = lambda p: trainer.loss_fn(p, batch["images"], batch["labels"], ())[0]
+    loss = lambda p: trainer.loss_fn(p, batch.images, batch.labels, ())[0]
     return jax.jit(jax.grad(loss))
 
 
@@ -83,7 +83,7 @@ def test_one_step_lowers_the_loss_and_compiles_once(tiny, variant):
     trainer, mesh = _trainer(config)
     state = trainer.init_state(0)
     batch = parallel.global_batch(mesh, _fixed_batch(config), config.batch_size)
-    loss_fn = jax.jit(lambda p: trainer.loss_fn(p, batch["images"], batch["labels"], ())[0])
+    loss_fn = jax.jit(lambda p: trainer.loss_fn(p, batch.images, batch.labels, ())[0])
     loss = lambda s: float(loss_fn(s.params))
     before = loss(state)
     params0 = jax.device_get(state.params)
