@@ -180,7 +180,7 @@ def main(argv: list[str]) -> None:
     backend.prepare_backend()
     import jax
 
-    from alexnet_jax import cluster, train
+    from alexnet_jax import cluster, evaluation, lifecycle, train
 
     try:
         init_distributed()
@@ -190,16 +190,18 @@ def main(argv: list[str]) -> None:
         set_compilation_cache(_CACHE.value)
         logging.info("config:\n%s", _CONFIG.value)
         if _MODE.value == "eval":
-            train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
+            evaluation.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
         elif _STEP.value is not None:
             raise UsageError(
                 "--step selects the checkpoint of --mode=eval; training resumes from the newest."
             )
         else:
             train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CHANGES.value)
+    except lifecycle.Stopped as e:  # saved and said so: the status tells the scheduler
+        lifecycle.exit_within(e.status)
     except UsageError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        lifecycle.exit_within(2)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 one directory every process sees, and it holds that workdir so that no second run writes there.
 
 SIGTERM is what SLURM, Kubernetes and Cloud TPU send before they reclaim a machine. The
-handler only sets a flag; the loop finishes its step, saves it and returns. JAX's own
+handler only sets a flag; the loop finishes its step, saves it and raises `Stopped`, whose exit
+status (143 for SIGTERM) tells the scheduler the run did not finish. JAX's own
 preemption notifier works only with a `jax.distributed` client and listens to SIGTERM only, so
 the processes of a run agree on the flag themselves, with a small collective every few steps:
 a signal that reaches any one process stops all of them at the same step.
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import IO
+from typing import IO, NoReturn
 
 import jax
 import numpy as np
@@ -34,6 +35,36 @@ from alexnet_jax import paths
 from alexnet_jax.errors import UsageError
 
 AGREE_EVERY_STEPS = 10  # multi-process: how often the processes compare their flags
+EXIT_GRACE_S = 20.0  # how long a failed process's shutdown may wait for its threads
+
+
+class Stopped(Exception):
+    """The run stopped on a signal before its last step, with that step's checkpoint saved.
+    `status` is the exit status that tells a scheduler so: 128 + the signal's number (143 for
+    SIGTERM, 130 for SIGINT), and 143 where another process's signal stopped this one."""
+
+    def __init__(self, signal_name: str, step: int) -> None:
+        super().__init__(f"stopped at step {step} ({signal_name})")
+        self.step = step
+        known = signal.Signals.__members__.get(signal_name)
+        self.status = 128 + int(known if known is not None else signal.SIGTERM)
+
+
+def exit_within(status: int, grace_s: float | None = None) -> NoReturn:
+    """sys.exit(status); if the interpreter's shutdown still waits `grace_s` (EXIT_GRACE_S)
+    later (threads of a failed save, or of the distributed client, blocked for good), the
+    process ends there with `status`: a failed run must not hold its node until the job's wall
+    time."""
+    grace_s = EXIT_GRACE_S if grace_s is None else grace_s
+
+    def end() -> None:
+        time.sleep(grace_s)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    threading.Thread(target=end, daemon=True, name="exit-watchdog").start()
+    sys.exit(status)
 
 
 class StopOnSignal:

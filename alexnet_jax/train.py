@@ -1,5 +1,6 @@
-"""A run: the training loop with its periodic work (log, save, evaluate, stop), and --mode=eval.
-The config is checked first (config_checks.py); the jitted pieces it runs are in steps.py."""
+"""A run: the training loop with its periodic work (log, save, evaluate, stop). The config is
+checked first (config_checks.py); the jitted pieces it runs are in steps.py, its evaluations
+in evaluation.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +21,11 @@ from alexnet_jax import (
     backend,
     checkpoint,
     cluster,
+    evaluation,
     input_stats,
     lifecycle,
     loaders,
     parallel,
-    skiplist,
     sources,
     transforms,
 )
@@ -34,7 +35,6 @@ from alexnet_jax.errors import UsageError
 from alexnet_jax.metrics import (
     InFlight,
     MetricsWriter,
-    log_eval,
     log_train,
     means,
 )
@@ -52,107 +52,6 @@ def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
     if config.num_train_steps > 0:
         return config.num_train_steps
     return config.num_epochs * train_size // config.batch_size
-
-
-def open_source(config: ml_collections.ConfigDict) -> sources.Source:
-    """The config's data, refused when its classes do not match the model's; writes nothing."""
-    source = sources.create_source(config.input, jax.process_count())
-    if source.num_classes != config.model.num_classes:
-        raise UsageError(
-            f"input.dataset={config.input.dataset!r} has {source.num_classes} classes but "
-            f"model.num_classes={config.model.num_classes}: set --config.model.num_classes="
-            f"{source.num_classes}."
-        )
-    return source
-
-
-def skip_corrupt(
-    config: ml_collections.ConfigDict,
-    source: sources.Source,
-    workdir: epath.Path | None,
-    write: bool = True,
-) -> sources.Source:
-    """`source` without its undecodable images under input.skip_corrupt (the list cached in
-    workdir), else `source`."""
-    if not config.input.get("skip_corrupt"):
-        return source
-    return skiplist.skip_undecodable(source, workdir, write and _is_first())
-
-
-def _is_first() -> bool:
-    return jax.process_index() == 0
-
-
-def host_input(trainer: Trainer) -> dict[str, Any]:
-    """How this process reads its share of every global batch: the batch, the rows of it that
-    its devices hold (parallel.process_rows), and the host cores it reads them on."""
-    rows = parallel.process_rows(trainer.mesh, trainer.batch_size)
-    return {
-        "batch_size": trainer.batch_size,
-        "rows": rows,
-        "threads": cluster.input_threads(os.environ),
-    }
-
-
-def evaluate(
-    trainer: Trainer,
-    state: TrainState,
-    step: int,
-    source: sources.Source,
-    preprocess: transforms.Preprocess,
-    prefix: str = "eval",
-) -> dict[str, float]:
-    """One pass over the eval split with `preprocess`'s centre crop (or its ten patches):
-    the metrics under `prefix`, logged. Training and --mode=eval both evaluate here."""
-    batches = loaders.eval_batches(source, preprocess, **host_input(trainer))
-    consts = trainer.input_constants(transforms.device_constants(preprocess))
-    metrics = trainer.evaluate(state, batches, preprocess.ten_crop, prefix, consts)
-    log_eval(step, metrics, prefix)
-    return metrics
-
-
-EVAL_MODE_DIR = "eval_mode"  # --mode=eval writes its metrics.jsonl and TensorBoard events here
-
-
-def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, workdir: str | os.PathLike, step: int | None = None
-) -> dict[str, float]:
-    """--mode=eval: the newest checkpoint (or `step`) on the eval split with the centre crop
-    (eval/...) and with the paper's ten patches (eval_ten_crop/...). The model and the input
-    statistics are the checkpoint's own; one line goes to workdir/eval_mode/metrics.jsonl; no
-    checkpoint is written or changed, and no lock taken: it may run beside training."""
-    config = resolve_batch_size(config, jax.device_count())
-    workdir = lifecycle.workdir_path(workdir)
-    mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
-    try:
-        ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-        try:
-            saved = ckpt.read(step, parallel.replicated(mesh))
-        finally:
-            ckpt.close()
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-    if _is_first():  # before computing what it would then fail to write
-        lifecycle.writable_dir(workdir / EVAL_MODE_DIR)
-    config = config.copy_and_resolve_references()
-    config.model = saved.config.model  # what was trained, whatever --config says
-    check_config(config, jax.device_count(), jax.process_count())
-    lifecycle.check_same_workdir(workdir)
-    source = skip_corrupt(config, open_source(config), workdir, write=False)
-    trainer = Trainer(config, mesh)
-    params = jax.device_put(saved.state["params"], trainer.shardings.params)
-    state = trainer.abstract_state.replace(params=params)  # evaluation reads only the params
-    stats = transforms.Stats.from_dict(saved.data["stats"], saved.mean_image)
-    preprocess = transforms.Preprocess.from_config(config.input, stats)
-    logging.info("evaluating the checkpoint at step %d of %s", saved.step, workdir)
-    metrics = {}
-    for ten_crop, prefix in ((False, "eval"), (True, "eval_ten_crop")):
-        p = dataclasses.replace(preprocess, ten_crop=ten_crop)
-        metrics |= evaluate(trainer, state, saved.step, source, p, prefix)
-    # Its own file: a training run may be appending to (and on resume trimming) metrics.jsonl.
-    writer = MetricsWriter(workdir / EVAL_MODE_DIR, active=_is_first())
-    writer.write(saved.step, metrics)
-    return metrics
 
 
 def checkpoint_stats(
@@ -185,12 +84,15 @@ def train_and_evaluate(
     allow_config_changes: bool = False,
 ) -> dict[str, float]:
     """Train (resuming from workdir's newest checkpoint) and return the final eval metrics.
-    The run holds its workdir (lifecycle.WorkdirLock) and stops cleanly on SIGTERM/SIGINT. A
+    The run holds its workdir (lifecycle.WorkdirLock); on SIGTERM/SIGINT it saves the step it
+    reached and raises lifecycle.Stopped. A
     resume with other settings than the checkpoint's is refused (`checkpoint.check_resume`) unless
     `allow_config_changes`."""
     config = resolve_batch_size(config, jax.device_count())
     check_config(config, jax.device_count(), jax.process_count())
-    source = open_source(config)  # a missing dataset is refused before the workdir is made
+    source = evaluation.open_source(
+        config
+    )  # a missing dataset is refused before the workdir is made
     workdir = lifecycle.workdir_path(workdir)  # gs://... stays a URL
     lifecycle.writable_dir(workdir)
     lock = lifecycle.lock_workdir(workdir)
@@ -213,7 +115,7 @@ def _train_and_evaluate(
     # before anything is written.
     lifecycle.check_same_workdir(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.model)
-    source = skip_corrupt(config, source, workdir)
+    source = evaluation.skip_corrupt(config, source, workdir)
     trainer = Trainer(
         config,
         mesh,
@@ -249,7 +151,7 @@ def _train_and_evaluate(
             if run.is_eval_step(step):
                 state = run.evaluate(state, step)
             if stop.should_stop(step) and step < run.total:
-                return run.stop_early(step, state, sums, stop.received, saved=saving)
+                run.stop_early(step, state, sums, stop.received, saved=saving)
     finally:
         run.profile.close()
         ckpt.close()  # waits until the saves begun are written, whatever stopped the loop
@@ -293,7 +195,7 @@ class _Run:
         restored: TrainState | None,
     ) -> None:
         self.config, self.trainer, self.source, self.ckpt = config, trainer, source, ckpt
-        first = _is_first()
+        first = evaluation.is_first()
         self.start = 0 if restored is None else int(jax.device_get(restored.step))
         # Data: statistics (cached in workdir; a resumed run keeps its checkpoint's),
         # preprocessing, the number of steps.
@@ -311,7 +213,7 @@ class _Run:
             "optimizer": optimizer_name(config),
         }
         self.total = trainer.total_steps
-        self.input = host_input(trainer)
+        self.input = evaluation.host_input(trainer)
         few = cluster.few_input_cores(
             self.input["threads"], jax.local_device_count(), jax.default_backend()
         )
@@ -413,7 +315,9 @@ class _Run:
 
     def evaluate(self, state: TrainState, step: int) -> TrainState:
         """Evaluate `step`, write its line, and feed the plateau rule."""
-        self.eval_metrics = evaluate(self.trainer, state, step, self.source, self.preprocess)
+        self.eval_metrics = evaluation.evaluate(
+            self.trainer, state, step, self.source, self.preprocess
+        )
         self.writer.write(step, self.eval_metrics)
         if self.config.optimizer.schedule == "plateau":
             value = jnp.float32(self.eval_metrics["eval/top1_error"])
@@ -431,9 +335,9 @@ class _Run:
 
     def stop_early(
         self, step: int, state: TrainState, sums: dict, signal: str, saved: bool
-    ) -> dict[str, float]:
+    ) -> NoReturn:
         """Stop at `step` on a signal: save it (unless this step just did), wait until the
-        save is on disk, and say how to resume."""
+        save is on disk, say how to resume, and raise lifecycle.Stopped."""
         if not saved:
             stop_if_diverged(sums["loss"], step, self.ckpt)
             self.save(step, state, sums, evaluated=self.is_eval_step(step))
@@ -444,4 +348,4 @@ class _Run:
         )
         logging.warning(message)
         print(message, file=sys.stderr, flush=True)
-        return self.eval_metrics
+        raise lifecycle.Stopped(signal, step)

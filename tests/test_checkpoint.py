@@ -12,6 +12,7 @@ import pytest
 from alexnet_jax import (
     UsageError,
     checkpoint,
+    evaluation,
     load_checkpoint,
     parallel,
     steps,
@@ -114,7 +115,7 @@ def test_a_damaged_config_is_refused_alike_by_training_eval_and_predict(trained_
     message = r"The checkpoint at step 4 in .* could not be read .*move .*4 out of"
     for use in (
         lambda: train.train_and_evaluate(config, str(tmp_path)),
-        lambda: train.evaluate_checkpoint(config, str(tmp_path)),
+        lambda: evaluation.evaluate_checkpoint(config, str(tmp_path)),
         lambda: load_checkpoint(str(tmp_path)),
     ):
         with pytest.raises(UsageError, match=message):

@@ -149,7 +149,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert [p.returncode for p in procs] == [143, 143], "\n".join(o[-2000:] for o in outs)
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] % 10 == 0 and 0 < saved[0] < 200, saved
     step = saved[0]

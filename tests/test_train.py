@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_steps import lowerings
 
-from alexnet_jax import UsageError, train
+from alexnet_jax import UsageError, evaluation, train
 
 
 @pytest.mark.parametrize(
@@ -59,43 +59,6 @@ def test_a_diverging_run_stops_before_saving_a_nan_state(tiny, tmp_path):
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))  # the NaN state was not saved
 
 
-def test_eval_mode_scores_a_checkpoint_both_ways_and_changes_none(trained_on_4x2, tmp_path):
-    import json
-    import shutil
-
-    config, trained = trained_on_4x2
-    workdir = tmp_path / "run"
-    shutil.copytree(trained, workdir)
-    ckpts = workdir / "checkpoints"
-    before = {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")}
-    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    trained_eval = [x for x in lines if "eval/loss" in x][-1]
-
-    other = config.copy_and_resolve_references()
-    other.model.width = 0.5  # ignored: the checkpoint's model is evaluated
-    from etils import epath
-
-    from alexnet_jax import lifecycle
-
-    with lifecycle.WorkdirLock(epath.Path(workdir)):  # as if a training run held it
-        m = train.evaluate_checkpoint(other, str(workdir))
-    assert m["eval/count"] == m["eval_ten_crop/count"] == 360
-    # The centre crop reproduces the training run's own evaluation of that checkpoint.
-    assert trained_eval["step"] == 4
-    assert m["eval/loss"] == pytest.approx(trained_eval["eval/loss"], rel=1e-5)
-    assert m["eval/top1_error"] == trained_eval["eval/top1_error"]
-    assert m["eval_ten_crop/loss"] != m["eval/loss"]  # the ten patches are another evaluation
-    assert (workdir / "metrics.jsonl").read_text().splitlines()[-1] == json.dumps(trained_eval)
-    (line,) = (workdir / "eval_mode" / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(line) == {"step": 4, **m}
-    assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
-
-    with pytest.raises(UsageError, match=r"No checkpoint at step 3 .* holds steps \[4\]"):
-        train.evaluate_checkpoint(config, str(workdir), step=3)
-    with pytest.raises(UsageError, match="No checkpoints in"):
-        train.evaluate_checkpoint(config, str(tmp_path / "empty"))
-
-
 def test_the_loop_compiles_its_step_once_and_logs_its_input_wait(tiny, tmp_path):
     import json
 
@@ -123,19 +86,19 @@ def test_a_failed_evaluation_and_a_sigterm_cost_nothing_and_the_resume_is_exact(
     broken, whole = tmp_path / "broken", tmp_path / "whole"
     train.train_and_evaluate(config, str(whole))
 
-    real = train.evaluate
+    real = evaluation.evaluate
 
     def fails_at_4(trainer, state, step, *args, **kwargs):
         if step == 4:
             raise UsageError("an evaluation that failed")
         return real(trainer, state, step, *args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", fails_at_4)
+    monkeypatch.setattr(evaluation, "evaluate", fails_at_4)
     with pytest.raises(UsageError, match="an evaluation that failed"):
         train.train_and_evaluate(config, str(broken))
     ckpt = checkpoint.Checkpointer(str(broken), read_only=True)
     assert ckpt.latest_step() == 4 and not ckpt.evaluated(4)
-    monkeypatch.setattr(train, "evaluate", real)
+    monkeypatch.setattr(evaluation, "evaluate", real)
 
     should_stop = lifecycle.StopOnSignal.should_stop
 
@@ -145,7 +108,9 @@ def test_a_failed_evaluation_and_a_sigterm_cost_nothing_and_the_resume_is_exact(
         return should_stop(self, step)
 
     monkeypatch.setattr(lifecycle.StopOnSignal, "should_stop", sigterm_in_step_7)
-    train.train_and_evaluate(config, str(broken))
+    with pytest.raises(lifecycle.Stopped, match=r"stopped at step 7 \(SIGTERM\)") as stopped:
+        train.train_and_evaluate(config, str(broken))
+    assert stopped.value.status == 143
     assert checkpoint.Checkpointer(str(broken), read_only=True).latest_step() == 7
     monkeypatch.setattr(lifecycle.StopOnSignal, "should_stop", should_stop)
     train.train_and_evaluate(config, str(broken))
