@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow is only the inp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # configs/ importable from any cwd
 
+import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -123,11 +124,17 @@ def _load_config(path: str):
             f"--config={file} defines no get_config(): a config file is a Python module whose "
             "get_config() returns an ml_collections.ConfigDict (see configs/digits.py)."
         )
+    call = f"get_config({arg!r})" if arg else "get_config()"
     try:
-        return module.get_config(arg) if arg else module.get_config()
+        config = module.get_config(arg) if arg else module.get_config()
     except Exception as e:
-        call = f"get_config({arg!r})" if arg else "get_config()"
         raise ConfigFileError(f"--config={path}: {call} raised {type(e).__name__}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigFileError(
+            f"--config={path}: {call} returned {type(config).__name__}, not an "
+            "ml_collections.ConfigDict (see configs/digits.py)."
+        )
+    return config
 
 
 def usage(argv: list[str]) -> str:
@@ -147,6 +154,31 @@ def usage(argv: list[str]) -> str:
     return f"{text}\nConfig fields of {path} (override any with --config.KEY=VALUE):\n{fields}\n"
 
 
+# Names other codebases give the config's fields, by what they mean: an unknown key whose last
+# part is one of these is pointed to the field, before spelling is compared.
+MEANT = {
+    "total_steps": ("num_train_steps",),
+    "train_steps": ("num_train_steps",),
+    "max_steps": ("num_train_steps",),
+    "steps": ("num_train_steps",),
+    "epochs": ("num_epochs",),
+    "lr": ("optimizer.learning_rate",),
+    "learning_rate": ("optimizer.learning_rate",),
+    "base_lr": ("optimizer.learning_rate",),
+    "wd": ("optimizer.weight_decay",),
+    "weight_decay": ("optimizer.weight_decay",),
+    "momentum": ("optimizer.momentum",),
+    "warmup_steps": ("optimizer.warmup_steps",),
+    "batch": ("batch_size",),
+    "global_batch_size": ("batch_size",),
+    "dataset": ("input.dataset",),
+    "data_dir": ("input.data_dir",),
+    "num_classes": ("model.num_classes",),
+    "dropout": ("model.dropout_rate",),
+    "dtype": ("model.dtype",),
+}
+
+
 def check_overrides(argv: list[str]) -> str | None:
     """One line naming an unknown --config.KEY and its nearest existing key, else None."""
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
@@ -162,7 +194,8 @@ def check_overrides(argv: list[str]) -> str | None:
         if arg.startswith("--config."):
             key = arg[len("--config.") :].split("=", 1)[0]
             if key not in known:
-                near = difflib.get_close_matches(key, known, n=1, cutoff=0.0)
+                meant = [k for k in MEANT.get(key.rsplit(".", 1)[-1], ()) if k in known]
+                near = meant or difflib.get_close_matches(key, known, n=1, cutoff=0.0)
                 hint = f"; did you mean '{near[0]}'?" if near else ""
                 return f"unknown config key '{key}' in {path}{hint}"
     return None

@@ -76,6 +76,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
     check_loader(i.get("loader", "tf.data"), i.normalize_on_device)
     need(i.mean in MEANS, f"input.mean={i.mean!r} is unknown; use one of {MEANS}.")
     need(
+        i.stats_max_images >= 1,
+        f"input.stats_max_images={i.stats_max_images}: the mean and PCA need at least 1 image.",
+    )
+    need(
         config.num_train_steps == -1 or config.num_train_steps > 0,
         f"num_train_steps={config.num_train_steps}: set a positive number of steps, or -1 to "
         "train num_epochs epochs.",

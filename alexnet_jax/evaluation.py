@@ -5,6 +5,7 @@ every global batch."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -83,6 +84,14 @@ def evaluate(
     consts = trainer.input_constants(transforms.device_constants(preprocess))
     metrics = trainer.evaluate(state, batches, preprocess.ten_crop, prefix, consts)
     log_eval(step, metrics, prefix)
+    if not math.isfinite(metrics[f"{prefix}/loss"]):
+        raise UsageError(
+            f"The evaluation loss of step {step} is {metrics[f'{prefix}/loss']}: the parameters "
+            "of that step are not usable. If training led there, lower "
+            "--config.optimizer.learning_rate (or check the optimizer's settings) and resume "
+            "from an earlier checkpoint by moving that step's directory out of checkpoints/; "
+            "nothing was deleted."
+        )
     return metrics
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from alexnet_jax.errors import UsageError
 
@@ -144,6 +145,34 @@ def make_plateau(
     return optax.contrib.reduce_on_plateau(factor=factor, patience=patience, min_scale=min_scale)
 
 
+# Fields whose values cannot train, with the range they must lie in: (low, high, whether
+# each end is allowed). A momentum of 1 or more never forgets a gradient; a negative decay
+# pushes the weights up; a factor above 1 raises the rate.
+RANGES = {
+    "momentum": (0.0, 1.0, True, False),
+    "weight_decay": (0.0, float("inf"), True, False),
+    "step_factor": (0.0, 1.0, False, True),
+    "step_every_steps": (1, float("inf"), True, False),
+    "plateau_factor": (0.0, 1.0, False, False),
+    "plateau_patience": (0, float("inf"), True, False),
+    "plateau_min_scale": (0.0, 1.0, False, True),
+    "trust_coefficient": (0.0, float("inf"), False, False),
+}
+
+
+def check_ranges(o: Mapping[str, Any]) -> None:
+    """A UsageError naming the first field of the optimizer section outside its range."""
+    for key, (low, high, low_ok, high_ok) in RANGES.items():
+        if key not in o:  # a config saved before the field existed
+            continue
+        v = o[key]
+        inside = (low <= v if low_ok else low < v) and (v <= high if high_ok else v < high)
+        if not inside:
+            ends = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+            ends = ends.replace("inf)", "infinity)")
+            raise UsageError(f"optimizer.{key}={v} cannot train: it must lie in {ends}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
     """The three pieces of a config's `optimizer` section."""
@@ -166,6 +195,7 @@ class Optimizer:
         no step."""
         if o["learning_rate"] <= 0:  # named as set, before the batch scaling changes it
             raise UsageError(f"optimizer.learning_rate={o['learning_rate']} must be positive.")
+        check_ranges(o)
         lr = scaled_learning_rate(o["learning_rate"], batch_size, o["base_batch_size"])
         # Configs saved before LARS existed meant the paper's SGD.
         name, trust = o.get("name", "sgd"), o.get("trust_coefficient", 0.001)
@@ -177,6 +207,14 @@ class Optimizer:
         schedule = make_schedule(
             o["schedule"], lr, o["step_every_steps"], o["step_factor"], warmup, total_steps or 1
         )
+        if total_steps is not None and warmup >= total_steps:
+            logging.warning(
+                "optimizer: the warm-up (%d steps) is at least as long as the run (%d steps): "
+                "the rate never reaches optimizer.learning_rate; shorten warmup_steps or "
+                "warmup_epochs, or train longer.",
+                warmup,
+                total_steps,
+            )
         return cls(
             make_optimizer(lr, o["momentum"], o["weight_decay"], o["decay_biases"], name, trust),
             schedule,

@@ -4,6 +4,7 @@ share of the batch. (A run's own evaluations are tested in test_train.py.)"""
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from alexnet_jax import UsageError, evaluation, parallel, steps
@@ -53,3 +54,20 @@ def test_one_process_reads_every_row_on_the_cores_it_has(tiny):
     assert jax.process_count() == 1
     assert share["batch_size"] == 16 and list(share["rows"]) == list(range(16))
     assert share["threads"] == len(os.sched_getaffinity(0))
+
+
+def test_a_non_finite_evaluation_stops_with_one_line(tiny):
+    from alexnet_jax import input_stats, transforms
+
+    config = tiny()
+    trainer = steps.Trainer(config, parallel.create_mesh(1, 1))
+    state = trainer.init_state(0)
+    source = evaluation.open_source(config)
+    stats = input_stats.get_stats(source, config.input.resize_size, 100, None)
+    p = transforms.Preprocess.from_config(config.input, stats)
+    finite = evaluation.evaluate(trainer, state, 0, source, p)
+    assert np.isfinite(finite["eval/loss"])
+    broken = {**state.params, "fc8": {**state.params["fc8"]}}
+    broken["fc8"]["bias"] = state.params["fc8"]["bias"] + np.float32(np.inf)  # as if diverged
+    with pytest.raises(UsageError, match=r"The evaluation loss of step 3 is (inf|nan): the"):
+        evaluation.evaluate(trainer, state.replace(params=broken), 3, source, p)

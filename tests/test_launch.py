@@ -64,6 +64,15 @@ def test_unknown_config_key_is_one_line(tmp_path):
     )
 
 
+def test_an_unknown_key_is_pointed_to_the_field_of_the_same_meaning(tmp_path):
+    for key, field in (("total_steps", "num_train_steps"), ("optimizer.lr", "learning_rate")):
+        r = launch(tmp_path, f"--config.{key}=20")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.strip().endswith(f"did you mean '{field}'?") or r.stderr.strip().endswith(
+            f"did you mean 'optimizer.{field}'?"
+        ), r.stderr
+
+
 def test_a_missing_config_file_is_one_line(tmp_path):
     r = launch(tmp_path, config="configs/nope.py")
     assert r.returncode == 2
@@ -78,6 +87,7 @@ def test_a_config_file_that_gives_no_config_is_one_line_naming_it(tmp_path):
         "nogetter.py": ("x = 1\n", "defines no get_config()"),
         "syntax.py": ("def get_config(:\n", "line 1: "),
         "raises.py": ("def get_config():\n    return 1 / 0\n", "get_config() raised Zero"),
+        "number.py": ("def get_config():\n    return 1\n", "get_config() returned int, not an"),
     }
     for name, (text, message) in faults.items():
         (tmp_path / name).write_text(text)

@@ -84,6 +84,14 @@ def test_the_rate_scales_linearly_with_the_global_batch():
         ("learning_rate", 0.0, "optimizer.learning_rate=0.0 must be positive"),
         ("base_batch_size", 0, "optimizer.base_batch_size=0 must be positive"),
         ("warmup_steps", -1, "optimizer.warmup_steps=-1 must be 0"),
+        ("momentum", 1.0, r"optimizer.momentum=1.0 cannot train: it must lie in \[0, 1\)"),
+        ("weight_decay", -1e-4, r"weight_decay=-0.0001 .* \[0, infinity\)"),
+        ("step_factor", 1.5, r"optimizer.step_factor=1.5 .* \(0, 1\]"),
+        ("step_every_steps", 0, r"optimizer.step_every_steps=0 .* \[1, infinity\)"),
+        ("plateau_factor", 1.0, r"optimizer.plateau_factor=1.0 .* \(0, 1\)"),
+        ("plateau_patience", -1, r"optimizer.plateau_patience=-1 .* \[0, infinity\)"),
+        ("plateau_min_scale", 0.0, r"optimizer.plateau_min_scale=0.0 .* \(0, 1\]"),
+        ("trust_coefficient", 0.0, "optimizer.trust_coefficient=0.0 cannot train"),
     ],
 )
 def test_each_field_is_checked_when_the_optimizer_is_built(key, value, message):
@@ -141,3 +149,33 @@ def test_poly_and_cosine_fall_to_zero_at_the_last_step_after_the_warm_up():
         rtol=1e-5,
         atol=1e-7,
     )
+
+
+def test_the_edges_of_each_range_that_can_train_are_accepted():
+    from configs import alexnet
+
+    for key, value in (
+        ("momentum", 0.0),
+        ("weight_decay", 0.0),
+        ("step_factor", 1.0),
+        ("step_every_steps", 1),
+        ("plateau_patience", 0),
+        ("plateau_min_scale", 1.0),
+    ):
+        o = alexnet.get_config().optimizer
+        o[key] = value
+        Optimizer.from_config(o, 128)
+
+
+def test_a_warm_up_as_long_as_the_run_is_named_with_both(caplog):
+    from configs import accelerator
+
+    o = accelerator.get_config().optimizer
+    o.warmup_steps, o.warmup_epochs = 0, 5.0
+    with caplog.at_level("WARNING"):
+        Optimizer.from_config(o, 1024, total_steps=1000, steps_per_epoch=300.0)
+    assert "the warm-up (1500 steps) is at least as long as the run (1000 steps)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Optimizer.from_config(o, 1024, total_steps=1501, steps_per_epoch=300.0)
+    assert "warm-up" not in caplog.text

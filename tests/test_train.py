@@ -37,6 +37,14 @@ from alexnet_jax import UsageError, evaluation, train
         ({"keep_checkpoints": -1}, "keep_checkpoints=-1 would keep no checkpoint"),
         # Named as set, not after the linear scaling rule (tiny's batch is not the base's).
         ({"optimizer.learning_rate": -0.01}, "^optimizer.learning_rate=-0.01 must be positive"),
+        ({"optimizer.momentum": 1.5}, "optimizer.momentum=1.5 cannot train"),
+        ({"optimizer.momentum": -1.0}, "optimizer.momentum=-1.0 cannot train"),
+        ({"optimizer.weight_decay": -1.0}, "optimizer.weight_decay=-1.0 cannot train"),
+        ({"optimizer.step_factor": -1.0}, "optimizer.step_factor=-1.0 cannot train"),
+        ({"optimizer.step_every_steps": 0}, "optimizer.step_every_steps=0 cannot train"),
+        ({"optimizer.plateau_factor": 2.0}, "optimizer.plateau_factor=2.0 cannot train"),
+        ({"optimizer.plateau_patience": -1}, "optimizer.plateau_patience=-1 cannot train"),
+        ({"input.stats_max_images": 0}, "input.stats_max_images=0: the mean and PCA need"),
         ({"input.dataset": "imagefolder", "input.data_dir": "/nonexistent"}, "does not exist"),
     ],
 )
