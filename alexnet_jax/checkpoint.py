@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -15,8 +16,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
-from alexnet_jax import lifecycle
+from alexnet_jax import checksums, lifecycle
 from alexnet_jax.errors import UsageError
 
 # The layout of the saved train state's tree, stored with every checkpoint (absent: 1). A run
@@ -25,17 +27,10 @@ STATE_LAYOUT = 2
 LAYOUT_CHANGES = {2: "the optimizer's learning rate became a hyperparameter set by name"}
 
 
-def _name(key: Any) -> str:
-    for attr in ("name", "key", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """{'params/fc6/kernel': shape, ...} for a state, an abstract state or Orbax metadata."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+    return {checksums.path_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def describe_mismatch(
@@ -228,6 +223,7 @@ class Checkpointer:
             return None
         args = ocp.args.Composite(mean_image=ocp.args.StandardRestore())
         r = self._read(step, lambda: self.manager.restore(step, args=args))
+        self._verify(step, r["mean_image"])
         return np.asarray(r["mean_image"]["mean_image"])
 
     def evaluated(self, step: int) -> bool:
@@ -242,18 +238,29 @@ class Checkpointer:
         config: ml_collections.ConfigDict | None = None,
         allow_changes: bool = False,
     ) -> Any | None:
-        """The newest state, laid out as `abstract_state` (ShapeDtypeStructs with shardings),
-        if `optimizer` (a name; None: not checked) wrote it and, given this run's `config`,
-        if it is the same run (`check_resume`; a damaged saved config is refused here, as
-        `read` refuses it)."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        self.check_compatible(abstract_state, optimizer)
-        if config is not None:
-            check_resume(self.config(step), config, step, self.directory.parent, allow_changes)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        return self._read(step, lambda: self.manager.restore(step, args=args))["state"]
+        """The newest intact state, laid out as `abstract_state` (ShapeDtypeStructs with
+        shardings), if `optimizer` (a name; None: not checked) wrote it and, given this run's
+        `config`, if it is the same run (`check_resume`). A damaged checkpoint (unreadable,
+        or arrays that do not match their checksums) is named and set aside, never deleted,
+        and the one before it is tried; None when none is left."""
+        damaged = []
+        while (step := self.latest_step()) is not None:
+            self.check_compatible(abstract_state, optimizer)
+            if config is not None:
+                check_resume(self.config(step), config, step, self.directory.parent, allow_changes)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            try:
+                state = self._read(step, lambda s=step, a=args: self.manager.restore(s, args=a))
+                self._verify(step, state["state"])
+                return state["state"]
+            except Damaged as e:
+                damaged.append(self._set_aside(step, e))
+        if damaged:
+            raise UsageError(
+                f"No intact checkpoint is left in {self.directory}: the damaged ones were moved "
+                f"to {', '.join(map(str, damaged))}. Remove them to train from the start."
+            )
+        return None
 
     def read(self, step: int | None, sharding: jax.sharding.Sharding) -> Saved:
         """Checkpoint `step` (default: the newest) with every array on `sharding`, whatever
@@ -277,6 +284,14 @@ class Checkpointer:
         }
         args = ocp.args.Composite(**items)
         r = self._read(step, lambda: self.manager.restore(step, args=args))
+        try:
+            self._verify(step, r["state"], r["data"])
+        except Damaged as e:
+            steps = sorted(self.manager.all_steps())
+            raise Damaged(
+                f"{e} Read another step (the directory holds steps {steps}); a training run "
+                "resumes from the newest intact one."
+            ) from None
         config = ml_collections.ConfigDict(r["config"])
         return Saved(int(step), r["state"], config, r["data"], self.mean_image(step))
 
@@ -284,12 +299,40 @@ class Checkpointer:
         """The saved state's tree of array metadata (shapes, dtypes), read without the arrays."""
         return self._read(step, lambda: self.manager.item_metadata(step)["state"].tree)
 
+    def _verify(self, step: int, tree: Any, data: dict | None = None) -> None:
+        """Raise Damaged if arrays of `tree` (restored from `step`) differ from the checksums
+        saved with them (checkpoints written before checksums were: not checked)."""
+        saved = (data or self.data(step)).get("checksums")
+        if not saved:
+            return
+        names = checksums.checksums(tree).keys()
+        bad = checksums.differing({k: v for k, v in saved.items() if k in names}, tree)
+        if bad:
+            raise Damaged(
+                f"The checkpoint at step {step} in {self.directory} is damaged: "
+                f"{', '.join(bad[:4])}{' and more' if len(bad) > 4 else ''} "
+                f"{'differs' if len(bad) == 1 else 'differ'} from the checksums saved with "
+                f"{'it' if len(bad) == 1 else 'them'}."
+            )
+
+    def _set_aside(self, step: int, damage: Damaged) -> Any:
+        """Move a damaged checkpoint out of the steps Orbax sees (kept, never deleted)."""
+        aside = self.directory / f"damaged_step_{step}"
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"alexnet_jax/damaged/{step}")
+        logging.warning("%s It was moved to %s; trying the checkpoint before it.", damage, aside)
+        print(f"{damage} It was moved to {aside}.", file=sys.stderr, flush=True)
+        self.manager.reload()
+        return aside
+
     def _read(self, step: int, read: Callable[[], Any]) -> Any:
         try:
             return read()
         except Exception as e:  # Orbax/TensorStore raise many types for damaged files
             first = (str(e).splitlines() or [""])[0][:300]
-            raise UsageError(
+            raise Damaged(
                 f"The checkpoint at step {step} in {self.directory} could not be read "
                 f"({type(e).__name__}: {first}). To resume from an earlier checkpoint, move "
                 f"{self.directory / str(step)} out of the directory; nothing was deleted."
@@ -303,13 +346,16 @@ class Checkpointer:
         data: dict,
         mean_image: np.ndarray | None = None,
     ) -> None:
+        sums = checksums.checksums(state)
         items = {
             "state": ocp.args.StandardSave(state),
             "config": ocp.args.JsonSave(config.to_dict()),
-            "data": ocp.args.JsonSave({**data, "state_layout": STATE_LAYOUT}),
         }
         if mean_image is not None:
             items["mean_image"] = ocp.args.StandardSave({"mean_image": mean_image})
+            sums |= checksums.checksums({"mean_image": mean_image})
+        record = {**data, "state_layout": STATE_LAYOUT, "checksums": sums}
+        items["data"] = ocp.args.JsonSave(record)
         self.wait()  # as Orbax's save does first; a failure of the previous save is named as its
         self._guard(lambda: self.manager.save(step, args=ocp.args.Composite(**items)), step)
         self._saving = step
@@ -358,6 +404,10 @@ class Checkpointer:
             f"stopped. The newest intact checkpoint is {newest}; free space (or fix "
             "the directory) and run the same command to resume from it."
         )
+
+
+class Damaged(UsageError):
+    """A checkpoint that cannot be read back as it was written."""
 
 
 class SaveFailed(UsageError):

@@ -230,9 +230,14 @@ def test_a_corrupt_checkpoint_is_named_and_kept(tiny, tmp_path):
     for p in data:
         p.write_bytes(b"\0" * 100)  # truncated, garbled array data
     with pytest.raises(UsageError, match="could not be read") as e:
-        checkpoint.Checkpointer(str(tmp_path)).restore(trainer.abstract_state)
+        checkpoint.Checkpointer(str(tmp_path), read_only=True).read(4, _one_device())
     assert "step 4" in str(e.value) and "move" in str(e.value)
-    assert all(p.exists() for p in data)  # nothing deleted
+    with pytest.raises(UsageError, match="No intact checkpoint is left in") as e:
+        checkpoint.Checkpointer(str(tmp_path)).restore(trainer.abstract_state)
+    aside = tmp_path / "checkpoints" / "damaged_step_4"
+    assert str(aside) in str(e.value)
+    moved = [aside / p.relative_to(state_dir.parent) for p in data]
+    assert all(p.exists() for p in moved)  # set aside, nothing deleted
     import gc
 
     gc.collect()  # collect Orbax's abandoned reads here, under this test's warning filter
@@ -250,3 +255,50 @@ def test_the_mean_image_travels_with_the_checkpoint(tiny, tmp_path):
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     saved = checkpoint.Checkpointer(str(tmp_path), read_only=True).read(4, one)
     np.testing.assert_array_equal(saved.mean_image, want)
+
+
+def _one_device():
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _damage(step_dir):
+    """4 KB of the largest array file of a checkpoint overwritten, as a failing disk might:
+    Orbax still reads it."""
+    files = list((step_dir / "state" / "ocdbt.process_0" / "d").iterdir())
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = np.random.default_rng(0).bytes(4096)
+    biggest.write_bytes(bytes(data))
+
+
+@pytest.mark.slow  # two short runs
+def test_a_damaged_checkpoint_is_named_set_aside_and_the_run_resumes_from_the_one_before(
+    tiny, tmp_path, capsys
+):
+    from alexnet_jax import checksums, evaluation, train
+
+    config = tiny(num_train_steps=8, checkpoint_every_steps=4)
+    train.train_and_evaluate(config, str(tmp_path))
+    ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+    saved = ckpt.data(8)["checksums"]
+    read = ckpt.read(8, _one_device())
+    # Every array of the state, and the mean image, has its checksum.
+    assert set(saved) == set(checksums.checksums(read.state)) | {"mean_image"}
+    ckpt.close()
+
+    _damage(tmp_path / "checkpoints" / "8")
+    damaged = r"The checkpoint at step 8 in .* is damaged: .* from the checksums saved with"
+    with pytest.raises(UsageError, match=damaged + r".* Read another step \(the directory holds"):
+        load_checkpoint(str(tmp_path))
+    with pytest.raises(UsageError, match=damaged):
+        evaluation.evaluate_checkpoint(config, str(tmp_path))
+    assert load_checkpoint(str(tmp_path), step=4).step == 4  # the one before is intact
+
+    longer = tiny(num_train_steps=12, checkpoint_every_steps=4)
+    metrics = train.train_and_evaluate(longer, str(tmp_path))
+    assert np.isfinite(metrics["eval/loss"])
+    assert "is damaged" in capsys.readouterr().err
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["12", "4", "8", "damaged_step_8"]  # kept aside, never deleted
+    assert load_checkpoint(str(tmp_path)).step == 12
