@@ -75,7 +75,9 @@ class MetricsWriter:
             workdir = epath.Path(workdir)  # a gs://... URL stays one
             self.path = workdir / "metrics.jsonl"
             self.summary = tf.summary
-            self.tb = tf.summary.create_file_writer(os.fspath(workdir / "tensorboard"))
+            self.events = workdir / "tensorboard"
+            self.tb = None  # opened by the first write, after drop_after's rewrite
+            workdir.mkdir(parents=True, exist_ok=True)
 
     def drop_after(self, step: int, evals_too: bool = False) -> int:
         """Remove the lines of steps after `step`, and (evals_too) the eval lines of `step`,
@@ -93,13 +95,30 @@ class MetricsWriter:
         kept = [x for x in lines if x.strip() and keep(x)]
         if len(kept) < len(lines):
             paths.write_whole(self.path, "".join(kept))
+            self._rewrite_events(kept)
         return len(lines) - len(kept)
+
+    def _rewrite_events(self, lines: list[str]) -> None:
+        """TensorBoard's events as metrics.jsonl now holds them: the event files, which hold the
+        dropped steps too (TensorBoard would draw a resumed run's replayed steps twice), are
+        replaced by one written from the kept lines."""
+        if self.events.exists():
+            for f in self.events.glob("events.out.tfevents.*"):
+                f.unlink()
+        for line in lines:
+            metrics = json.loads(line)
+            self._events(metrics.pop("step"), metrics)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._events(step, metrics)
+
+    def _events(self, step: int, metrics: dict[str, float]) -> None:
+        if self.tb is None:
+            self.tb = self.summary.create_file_writer(os.fspath(self.events))
         with self.tb.as_default(step=step):
             for k, v in metrics.items():
                 self.summary.scalar(k, v)

@@ -126,6 +126,14 @@ def _train_and_evaluate(
     restored = ckpt.restore(
         trainer.abstract_state, optimizer_name(config), config, allow_config_changes
     )
+    reached = 0 if restored is None else int(jax.device_get(restored.step))
+    if reached > trainer.total_steps:
+        raise UsageError(
+            f"{workdir} was trained to step {reached}, past this run's last step "
+            f"{trainer.total_steps} (num_train_steps or num_epochs). To evaluate one of its "
+            "checkpoints use --mode=eval [--step=N]; to train that many steps use a new "
+            "--workdir. Nothing was changed."
+        )
     run = _Run(config, workdir, trainer, source, ckpt, restored)
     state = run.initial_state(restored)
     batches = run.train_batches()

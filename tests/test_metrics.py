@@ -51,6 +51,34 @@ def test_metrics_jsonl_has_a_line_per_write_and_only_on_process_0(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def _events(directory):
+    """(tag, step) of every scalar in the TensorBoard event files under `directory`."""
+    import tensorflow as tf
+
+    seen = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            seen += [(v.tag, event.step) for v in event.summary.value]
+    return seen
+
+
+def test_a_resume_leaves_each_step_once_in_tensorboard(tmp_path):
+    first = MetricsWriter(str(tmp_path), active=True)
+    for step in range(1, 7):
+        first.write(step, {"train/loss": 1.0 / step})
+    first.write(4, {"eval/loss": 0.5})
+    assert _events(tmp_path / "tensorboard").count(("train/loss", 5)) == 1
+    resumed = MetricsWriter(str(tmp_path), active=True)  # resumed from the checkpoint of step 4
+    assert resumed.drop_after(4) == 2
+    for step in (5, 6):
+        resumed.write(step, {"train/loss": 2.0 / step})
+    seen = _events(tmp_path / "tensorboard")
+    want = [("train/loss", s) for s in range(1, 7)] + [("eval/loss", 4)]
+    assert sorted(seen, key=str) == sorted(want, key=str)  # each step once
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 4, 5, 6]
+
+
 def test_the_layer_table_of_the_paper_model():
     model = AlexNet()
     params = jax.eval_shape(

@@ -239,3 +239,18 @@ def test_the_accelerator_config_runs_3_steps_in_bfloat16_with_lars_and_refuses_s
     assert len(str(e.value).splitlines()) == 1
     with pytest.raises(ValueError, match="use one of"):
         accelerator.get_config("adam")
+
+
+def test_a_workdir_trained_past_the_runs_last_step_is_refused(trained_on_4x2, tmp_path):
+    import shutil
+
+    config, trained = trained_on_4x2
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    shorter = config.copy_and_resolve_references()
+    shorter.num_train_steps = 2
+    with pytest.raises(UsageError, match=r"was trained to step 4, past this run's last step 2"):
+        train.train_and_evaluate(shorter, str(workdir))
+    after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.name != "run.lock"}
+    assert after == {p: t for p, t in before.items() if p.name != "run.lock"}
