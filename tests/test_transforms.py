@@ -108,3 +108,18 @@ def test_eval_ten_crop_output():
     out = transforms.eval_preprocess(tf.fill([80, 90, 3], tf.constant(10, tf.uint8)), p)["images"]
     assert out.shape == (10, 67, 67, 3)
     np.testing.assert_allclose(out.numpy()[..., 2], 7.0, atol=1e-4)  # mean subtracted
+
+
+@pytest.mark.parametrize("ten_crop", [False, True])
+def test_the_centre_of_an_odd_margin_is_cut_where_the_paper_cuts_it(ten_crop):
+    """256 - 227 = 29 pixels to share: 14 above and left of the centre crop, 15 below and
+    right, in the single centre crop, in the ten patches' centre and in DALI's windows."""
+    p = _pre(image_size=227, resize_size=256, ten_crop=ten_crop, on_device=True)
+    out = transforms.eval_preprocess(_coords_image(256), p)
+    images, where = out["images"].numpy(), out["crops"].numpy()
+    centre = images[4] if ten_crop else images
+    assert (centre[0, 0, 0], centre[0, 0, 1]) == (14, 14)
+    assert (centre[-1, -1, 0], centre[-1, -1, 1]) == (240, 240)  # 256 - 1 - 15
+    windows = transforms.eval_windows(256, 227, ten_crop)
+    np.testing.assert_array_equal(where, windows)
+    assert (windows[4] if ten_crop else windows).tolist() == [14, 14, 0]
