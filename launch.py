@@ -213,15 +213,20 @@ def main(argv: list[str]) -> None:
     backend.prepare_backend()
     import jax
 
-    from alexnet_jax import cluster, evaluation, lifecycle, train
+    from alexnet_jax import cluster, config_checks, lifecycle
 
     try:
         init_distributed()
         cluster.check_backend(_ALLOW_CPU.value)
         if jax.process_index() > 0:  # one console log is enough; errors still show everywhere
             logging.set_verbosity(logging.WARNING)
+        if _MODE.value != "eval":  # (eval checks the config with the checkpoint's model)
+            config = config_checks.resolve_batch_size(_CONFIG.value, jax.device_count())
+            config_checks.check_config(config, jax.device_count(), jax.process_count())
         set_compilation_cache(_CACHE.value)
         logging.info("config:\n%s", _CONFIG.value)
+        from alexnet_jax import evaluation, train  # the input pipeline: TensorFlow starts here
+
         if _MODE.value == "eval":
             evaluation.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
         elif _STEP.value is not None:

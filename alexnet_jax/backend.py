@@ -8,10 +8,12 @@ starts a backend, as XLA reads its flags and glibc its arena settings only once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from importlib import metadata, util
 
 from alexnet_jax import paths
@@ -101,15 +103,31 @@ def hide_gpus_from_tensorflow() -> bool:
     TensorFlow build with CUDA would otherwise reserve it), before its runtime starts. Where
     TensorFlow is not installed (a device check with JAX's stack alone) there is nothing to
     hide; returns whether TensorFlow was told."""
-    try:
-        import tensorflow as tf
-    except ImportError:
-        return False
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # its runtime started earlier in this process: as it is by now
-        return False
+    with _stderr_silenced():  # TensorFlow's C++ start-up notices (oneDNN's, absl's)
+        try:
+            import tensorflow as tf
+        except ImportError:
+            return False
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # its runtime started earlier in this process: as it is by now
+            return False
     return True
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null (C++ libraries write there, below Python's
+    sys.stderr), and restored."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def compilation_cache_dir(path: str) -> str | None:

@@ -16,9 +16,14 @@ class UsageError(ValueError):
 class _QuietLibraries:
     """Drops Orbax's INFO records (a dozen per checkpoint read or written) and its records of
     exceptions: each reaches checkpoint.py, which names it in one line (a failed save or a
-    damaged checkpoint). Keeps Orbax's other warnings."""
+    damaged checkpoint). Keeps Orbax's other warnings. Drops JAX's INFO lines about backends
+    it did not find."""
 
     def filter(self, record) -> bool:
+        if record.pathname.endswith("xla_bridge.py") and record.levelno <= 20:
+            # "Unable to initialize backend 'tpu'" and the like on every host without that
+            # backend: cluster.check_backend names a backend that should have started.
+            return False
         if "/orbax/" not in record.pathname:
             return True
         return record.levelno > 20 and not record.exc_info

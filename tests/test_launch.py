@@ -73,6 +73,18 @@ def test_an_unknown_key_is_pointed_to_the_field_of_the_same_meaning(tmp_path):
         ), r.stderr
 
 
+def test_a_bad_start_is_its_line_without_the_libraries_banners_or_the_config(tmp_path):
+    r = launch(tmp_path / "w", "--config.optimizer.momentum=1.5")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1] == (
+        "launch.py: error: optimizer.momentum=1.5 cannot train: it must lie in [0, 1)."
+    )
+    # The device line, then the error: no TensorFlow or JAX start-up notices, no config dump.
+    assert len(lines) <= 2 and r.stdout == "", r.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_missing_config_file_is_one_line(tmp_path):
     r = launch(tmp_path, config="configs/nope.py")
     assert r.returncode == 2
