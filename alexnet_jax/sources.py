@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -69,7 +71,13 @@ def imagefolder_source(cfg: ml_collections.ConfigDict) -> Source:
             "input.dataset='imagefolder' needs --config.input.data_dir=DIR, with DIR/"
             f"{cfg.train_split}/<class>/*.jpg and DIR/{cfg.eval_split}/<class>/*.jpg."
         )
-    root = Path(cfg.data_dir).expanduser()
+    if paths.is_url(paths.data_path(cfg.data_dir, "input.data_dir")):
+        raise UsageError(
+            f"input.data_dir={cfg.data_dir!r}: an image folder is read from a local directory, "
+            "not a bucket. Copy it to this host, or prepare ImageNet as "
+            "imagenet2012_paper256, which is staged from a bucket (docs/imagenet.md)."
+        )
+    root = Path(paths.data_path(cfg.data_dir, "input.data_dir"))
     train_dir, eval_dir = root / cfg.train_split, root / cfg.eval_split
     for d in (train_dir, eval_dir):
         if not d.is_dir():
@@ -103,8 +111,8 @@ def _imagenet_not_prepared(cfg: ml_collections.ConfigDict, data_dir: str) -> Usa
 
 def imagenet_source(cfg: ml_collections.ConfigDict) -> Source:
     """TFDS imagenet2012: random access when prepared as array_record, else TFRecord reading."""
-    data_dir = os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
-    builder = tfds.builder("imagenet2012", data_dir=data_dir)
+    data_dir = paths.data_path(cfg.data_dir or "~/tensorflow_datasets", "input.data_dir")
+    builder = bucket_read(data_dir, lambda: tfds.builder("imagenet2012", data_dir=data_dir))
 
     def split(name: str, shuffle: bool) -> Split:
         try:
@@ -136,9 +144,7 @@ def paper256_source(cfg: ml_collections.ConfigDict) -> Source:
     """ImageNet as the paper stored it (paper256.py), with its training set's statistics."""
     from alexnet_jax import paper256
 
-    data_dir = cfg.data_dir or "~/tensorflow_datasets"
-    if not paths.is_url(data_dir):
-        data_dir = os.path.expanduser(data_dir)
+    data_dir = paths.data_path(cfg.data_dir or "~/tensorflow_datasets", "input.data_dir")
 
     def not_prepared() -> UsageError:
         return UsageError(
@@ -149,7 +155,10 @@ def paper256_source(cfg: ml_collections.ConfigDict) -> Source:
         )
 
     relative = f"{paper256.NAME}/{paper256.VERSION}"
-    directory = staging.local_dataset(data_dir, relative, cfg.stage_dir, not_prepared)
+    stage_dir = paths.data_path(cfg.stage_dir, "input.stage_dir")
+    directory = bucket_read(
+        data_dir, lambda: staging.local_dataset(data_dir, relative, stage_dir, not_prepared)
+    )
     builder = tfds.builder_from_directory(str(directory))
     # Without fancy (interpolated) chroma upsampling, decoding only a crop window gives the
     # same pixels as decoding the whole image and cropping (input_pipeline's crop-only path).
@@ -164,6 +173,24 @@ def paper256_source(cfg: ml_collections.ConfigDict) -> Source:
         stored_size=paper256.SIZE,
         mean_image=np.load(directory / "mean_image.npy"),
     )
+
+
+def bucket_read(data_dir: str, read: Callable[[], Any]) -> Any:
+    """read(), with a failure to reach a bucket (no network, a missing bucket, no
+    credentials) as one line naming it; local paths' errors pass as they are."""
+    try:
+        return read()
+    except UsageError:
+        raise
+    except Exception as e:
+        if not paths.is_url(data_dir):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UsageError(
+            f"input.data_dir={data_dir} could not be read ({type(e).__name__}: {first}). Check "
+            "the bucket's name, this host's network and its credentials (gcloud auth "
+            "application-default login)."
+        ) from None
 
 
 def imagenet_class_names() -> list[str]:

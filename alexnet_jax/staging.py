@@ -10,6 +10,7 @@ copied last.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -43,7 +44,18 @@ def local_dataset(
         raise not_prepared()
     scheme, rest = data_dir.split("://", 1)
     local = Path(os.path.expanduser(stage_dir)) / scheme / rest.strip("/") / relative
-    stage(remote, local)
+    try:
+        stage(remote, local)
+    except OSError as e:  # the bucket's side fails otherwise (sources.bucket_read names it)
+        if e.filename is not None and paths.is_url(str(e.filename)):
+            raise
+        full = e.errno == errno.ENOSPC
+        why = "the disk is full" if full else e.strerror
+        raise UsageError(
+            f"input.stage_dir={stage_dir}: the copy of {remote} could not be written to "
+            f"{local} ({why}). Point --config.input.stage_dir at a writable local disk with "
+            "room for the dataset (about 37 GB for ImageNet); the files copied so far are kept."
+        ) from None
     return local
 
 

@@ -124,3 +124,26 @@ def test_imagenet_path_on_tfds_mock_data(storage, monkeypatch):
     assert sum(b["weights"].sum() for b in evals) == 12
     if storage == "array_record":  # read a global batch per Python call, not an example
         assert batched_reads and set(batched_reads) == {8}
+
+
+def test_data_dir_schemes_are_one_line_or_read_locally(tmp_path, monkeypatch):
+    write_folder(tmp_path)
+    local = sources.create_source(_cfg(dataset="imagefolder", data_dir=f"file://{tmp_path}"))
+    assert local.class_names == ["cat", "dog"]  # file:// is a local path
+    with pytest.raises(UsageError, match="an image folder is read from a local directory, not"):
+        sources.create_source(_cfg(dataset="imagefolder", data_dir="gs://bucket/folder"))
+    with pytest.raises(UsageError, match="only local paths and buckets"):
+        sources.create_source(_cfg(dataset="imagenet2012_paper256", data_dir="ftp://host/x"))
+
+    from etils import epath
+
+    def offline(self):
+        raise RuntimeError("Could not resolve host: storage.googleapis.com\nand more")
+
+    monkeypatch.setattr(type(epath.Path("gs://bucket/x")), "exists", offline)
+    with pytest.raises(UsageError) as e:
+        sources.create_source(_cfg(dataset="imagenet2012_paper256", data_dir="gs://nobucket/x"))
+    assert str(e.value).startswith(
+        "input.data_dir=gs://nobucket/x could not be read (RuntimeError: Could not resolve host"
+    )
+    assert "\n" not in str(e.value)

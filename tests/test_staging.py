@@ -85,3 +85,32 @@ def test_a_dataset_without_its_metadata_is_not_prepared(bucket, tmp_path):
 
 def test_urls():
     assert paths.is_url("gs://bucket/x") and not paths.is_url("/data/x")
+
+
+@pytest.mark.parametrize("fault", ["a file", "full"])
+def test_a_stage_dir_that_cannot_take_the_copy_is_one_line(bucket, monkeypatch, fault):
+    import errno
+
+    if fault == "a file":
+        bucket.write_text("not a directory")
+    else:
+        real_open = open
+
+        def full_disk(path, mode="r", *a, **kw):
+            if "w" in mode and ".part-" in str(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_open(path, mode, *a, **kw)
+
+        monkeypatch.setattr("builtins.open", full_disk)
+    why = "(Not a directory|File exists)" if fault == "a file" else "the disk is full"
+    with pytest.raises(UsageError, match=rf"input.stage_dir=.*could not be written .*\({why}\)"):
+        _stage(bucket)
+
+
+def test_data_dirs_are_read_from_local_paths_and_buckets_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert paths.data_path("file:///data/x", "input.data_dir") == "/data/x"
+    assert paths.data_path("~/x", "input.data_dir") == f"{tmp_path}/x"
+    assert paths.data_path("gs://b/x", "input.data_dir") == "gs://b/x"
+    with pytest.raises(UsageError, match=r"input.data_dir='hdfs://x/y': only local paths and"):
+        paths.data_path("hdfs://x/y", "input.data_dir")
