@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import errno
 import io
 import json
 import math
@@ -165,17 +166,23 @@ def plan(manual_dir: Path) -> list[Job]:
     index = {s: i for i, s in enumerate(synsets)}
     jobs = []
     train = str(manual_dir / TRAIN_TAR)
-    with tarfile.open(train) as tar:
-        classes = [m for m in tar if m.isfile() and m.name.endswith(".tar")]
+    classes = [m for m in _members(train) if m.name.endswith(".tar")]
+    if not classes:
+        raise UsageError(
+            f"{train} holds no tar per class (n01440764.tar, ...): it is not the "
+            f"{TRAIN_TAR} image-net.org serves, whose members are one tar of JPEGs per class. "
+            "Put the downloaded file there, unextracted."
+        )
     unknown = [m.name for m in classes if m.name[:-4] not in index]
     if unknown:
-        raise ValueError(f"{train} holds tars of unknown classes: {unknown[:3]}")
+        raise UsageError(f"{train} holds tars of unknown classes: {unknown[:3]}.")
     for i, m in enumerate(classes):
         member = ((m.name, m.offset_data, m.size),)
         jobs.append(Job("train", i, len(classes), train, member, (index[m.name[:-4]],)))
     val = str(manual_dir / VAL_TAR)
-    with tarfile.open(val) as tar:
-        files = sorted((m for m in tar if m.isfile()), key=lambda m: m.name)
+    files = sorted(_members(val), key=lambda m: m.name)
+    if not files:
+        raise UsageError(f"{val} holds no files: put the downloaded {VAL_TAR} there.")
     # TFDS's list gives the label of each validation file in sorted-name order.
     labels = [index[s] for s in val_labels[: len(files)]]
     count = math.ceil(len(files) / VAL_SHARD)
@@ -188,6 +195,20 @@ def plan(manual_dir: Path) -> list[Job]:
     return jobs
 
 
+def _members(path: str) -> list[tarfile.TarInfo]:
+    """The files of the tar at `path`, read from its headers; one line if it is not a whole
+    tar (empty, another kind of file, cut short)."""
+    try:
+        with tarfile.open(path) as tar:
+            return [m for m in tar if m.isfile()]
+    except (tarfile.TarError, EOFError, OSError) as e:
+        why = (str(e).splitlines() or [""])[0].rstrip(":")
+        raise UsageError(
+            f"{path} is not a whole tar ({type(e).__name__}: {why}): an empty file, another kind "
+            "of file, or a download cut short. Download it again from https://image-net.org."
+        ) from None
+
+
 def prepare(data_dir: str, manual_dir: str, processes: int | None = None) -> Path:
     """Prepare (or finish preparing) the paper-256 dataset under data_dir; returns its path."""
     import tensorflow_datasets as tfds
@@ -196,11 +217,37 @@ def prepare(data_dir: str, manual_dir: str, processes: int | None = None) -> Pat
     if (directory / "dataset_info.json").exists():
         print(f"{directory} is already prepared; nothing to do.")
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    jobs = plan(Path(manual_dir).expanduser())
-    convert(jobs, directory, processes or len(os.sched_getaffinity(0)))
-    _finish(directory, jobs, tfds)
+    jobs = plan(Path(manual_dir).expanduser())  # the tars checked before anything is written
+    made = _make(directory)
+    try:
+        convert(jobs, directory, processes or len(os.sched_getaffinity(0)))
+        _finish(directory, jobs, tfds)
+    except OSError as e:
+        raise UsageError(_unwritable(directory, e)) from None
+    finally:  # a preparation that wrote nothing leaves no folder behind
+        for d in made:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
     return directory
+
+
+def _make(directory: Path) -> list[Path]:
+    """Create `directory` and its missing parents; returns those it created, deepest first."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(_unwritable(directory, e)) from None
+    return missing
+
+
+def _unwritable(directory: Path, e: OSError) -> str:
+    why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+    return (
+        f"{directory} could not be written ({why}). Choose a --data_dir on a writable disk "
+        "with about 40 GB free; shards already written are kept, and the same command "
+        "finishes the rest."
+    )
 
 
 class Stopped(Exception):
@@ -257,6 +304,11 @@ def convert(jobs: list[Job], directory: Path, processes: int) -> None:
             f"a worker process died while writing shards (killed by the system, perhaps for "
             f"memory: see `dmesg`); {kept()}. Run the same command to write the rest, with "
             f"fewer --processes if memory ran out."
+        ) from None
+    except (tarfile.TarError, EOFError) as e:
+        raise UsageError(
+            f"a tar could not be read ({type(e).__name__}: {e}), perhaps a download cut "
+            f"short; {kept()}. Download it again and run the same command to write the rest."
         ) from None
     except (KeyboardInterrupt, Stopped) as e:
         name = e.args[0] if isinstance(e, Stopped) else "SIGINT"

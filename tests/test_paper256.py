@@ -467,3 +467,57 @@ def test_reading_records_reuses_freed_memory_on_an_accelerator_host(tmp_path, mo
     faults = {malloc: host_read(directory, 128, 400, malloc)[1] for malloc in ("system", "kept")}
     assert faults["system"] > 2, faults  # the test can tell: records were faulted in
     assert faults["kept"] < faults["system"] / 4, faults
+
+
+@pytest.mark.parametrize("fault", ["empty", "text", "jpegs", "truncated"])
+def test_tars_that_are_not_imagenets_are_one_line_and_leave_no_empty_folder(tmp_path, fault):
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    make_tars(tars, per_class=1, val=2)
+    train_tar = tars / paper256.TRAIN_TAR
+    data = train_tar.read_bytes()
+    if fault == "empty":
+        train_tar.write_bytes(b"")
+    elif fault == "text":
+        train_tar.write_text("not a tar\n" * 100)
+    elif fault == "jpegs":  # the classes' JPEGs themselves, not a tar per class
+        with tarfile.open(train_tar, "w") as tar:
+            _add(tar, f"{CLASSES[0]}_1.JPEG", _file(_photo(40, 40, 0), "rgb"))
+    else:  # cut short inside its last class's tar
+        with tarfile.open(train_tar) as tar:
+            last = tar.getmembers()[-1]
+        train_tar.write_bytes(data[: last.offset_data + last.size // 2])
+    message = {
+        "empty": "is not a whole tar",
+        "text": "is not a whole tar",
+        "jpegs": "holds no tar per class",
+        "truncated": "(is not a whole tar|a tar could not be read)",
+    }[fault]
+    with pytest.raises(UsageError, match=message) as e:
+        paper256.prepare(str(tmp_path / "data"), str(tars), processes=1)
+    assert "\n" not in str(e.value)
+    data_dir = tmp_path / "data" / paper256.NAME / paper256.VERSION
+    assert not data_dir.exists() or any(data_dir.iterdir())  # no empty dataset folder
+    assert not (data_dir / "dataset_info.json").exists()  # never taken for a prepared one
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    make_tars(tars, per_class=1, val=2)
+    (tmp_path / "file").write_text("a file, not a directory")
+    with pytest.raises(UsageError, match=r"could not be written \(Not a directory\)"):
+        paper256.prepare(str(tmp_path / "file" / "data"), str(tars), processes=1)
+
+    real = paper256.Path.write_text
+
+    def full(self, *a, **kw):
+        if self.name == "undecodable.json":  # the first file the main process writes
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(paper256.Path, "write_text", full)
+    with pytest.raises(UsageError, match=r"could not be written \(the disk is full\)"):
+        paper256.prepare(str(tmp_path / "data"), str(tars), processes=1)
+    monkeypatch.setattr(paper256.Path, "write_text", real)
+    assert paper256.prepare(str(tmp_path / "data"), str(tars), processes=1).is_dir()
