@@ -49,7 +49,13 @@ class Restored:
         batch = np.stack(
             [transforms.eval_preprocess(im, self.preprocess)["images"].numpy() for im in images]
         )
-        return np.asarray(self._probabilities(self.params, batch))
+        probs = np.asarray(self._probabilities(self.params, batch))
+        if not np.all(np.isfinite(probs)):
+            raise UsageError(
+                f"The parameters of step {self.step} give non-finite outputs: that run diverged. "
+                "Restore an earlier step (load_checkpoint(DIR, step=N))."
+            )
+        return probs
 
 
 def load_checkpoint(

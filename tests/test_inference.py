@@ -53,3 +53,17 @@ def test_predict_refuses_float_images_and_a_missing_step_is_listed(trained_on_4x
         run.predict(np.full((1, 8, 8, 3), 0.5, np.float32))
     with pytest.raises(FileNotFoundError, match=r"No checkpoint at step 3 .* holds steps \[4\]"):
         load_checkpoint(str(workdir), step=3)
+
+
+def test_predict_refuses_to_answer_with_non_finite_probabilities(trained_on_4x2):
+    import dataclasses
+
+    _, workdir = trained_on_4x2
+    run = load_checkpoint(str(workdir))
+    images = np.random.default_rng(0).integers(0, 255, (2, 8, 8, 3)).astype(np.uint8)
+    assert np.all(np.isfinite(run.predict(images)))
+    params = {**run.params, "fc8": {**run.params["fc8"]}}
+    params["fc8"]["bias"] = run.params["fc8"]["bias"] * np.nan  # as a diverged run leaves it
+    diverged = dataclasses.replace(run, params=params)
+    with pytest.raises(UsageError, match="The parameters of step 4 give non-finite outputs"):
+        diverged.predict(images)

@@ -164,9 +164,10 @@ def test_the_kernels_notebook_draws_both_towers(trained_on_4x2, tmp_path):
     from PIL import Image
 
     _, workdir = trained_on_4x2
-    text = run_notebook("first_layer_kernels.ipynb", workdir, tmp_path)
+    figures = tmp_path / "new" / "figures"  # made by the notebook
+    text = run_notebook("first_layer_kernels.ipynb", workdir, figures)
     assert "2 tower(s)" in text and "tower 1: colour score" in text and "tower 2:" in text
-    figure = np.asarray(Image.open(tmp_path / "first_layer_kernels.png"))
+    figure = np.asarray(Image.open(figures / "first_layer_kernels.png"))
     assert figure.ndim == 3 and figure.shape[2] == 3 and figure.min() < figure.max()
 
 
