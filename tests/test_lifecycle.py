@@ -61,7 +61,7 @@ def test_a_read_only_workdir_is_one_line_before_any_work(tmp_path, monkeypatch, 
         train.train_and_evaluate(tiny_config(), str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # no lock, no checkpoints
     # --mode=eval on a read-only workdir stops before evaluating, not after.
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
     config, workdir = trained_on_4x2
     with pytest.raises(UsageError, match=r"eval_mode cannot be written \(Permission denied\)"):
         evaluation.evaluate_checkpoint(config, str(workdir))
