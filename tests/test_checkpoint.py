@@ -261,15 +261,12 @@ def _one_device():
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def _damage(step_dir):
-    """4 KB of the largest array file of a checkpoint overwritten, as a failing disk might:
-    Orbax still reads it."""
-    files = list((step_dir / "state" / "ocdbt.process_0" / "d").iterdir())
-    biggest = max(files, key=lambda p: p.stat().st_size)
-    data = bytearray(biggest.read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + 4096] = np.random.default_rng(0).bytes(4096)
-    biggest.write_bytes(bytes(data))
+def _damage(checkpoints):
+    """Step 8's arrays replaced by step 4's files: valid files that Orbax reads without a
+    word, holding other values than the ones step 8 saved (as a sync or a restore from a
+    backup that mixed two checkpoints would leave them)."""
+    shutil.rmtree(checkpoints / "8" / "state")
+    shutil.copytree(checkpoints / "4" / "state", checkpoints / "8" / "state")
 
 
 @pytest.mark.slow  # two short runs
@@ -287,7 +284,7 @@ def test_a_damaged_checkpoint_is_named_set_aside_and_the_run_resumes_from_the_on
     assert set(saved) == set(checksums.checksums(read.state)) | {"mean_image"}
     ckpt.close()
 
-    _damage(tmp_path / "checkpoints" / "8")
+    _damage(tmp_path / "checkpoints")
     damaged = r"The checkpoint at step 8 in .* is damaged: .* from the checksums saved with"
     with pytest.raises(UsageError, match=damaged + r".* Read another step \(the directory holds"):
         load_checkpoint(str(tmp_path))
@@ -302,3 +299,14 @@ def test_a_damaged_checkpoint_is_named_set_aside_and_the_run_resumes_from_the_on
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["12", "4", "8", "damaged_step_8"]  # kept aside, never deleted
     assert load_checkpoint(str(tmp_path)).step == 12
+
+    # 4 KB overwritten in the middle of step 12's largest array file: refused either way
+    # (the file no longer decodes, or decodes to other values than its checksums).
+    files = list((tmp_path / "checkpoints" / "12" / "state" / "ocdbt.process_0" / "d").iterdir())
+    biggest = max(files, key=lambda f: f.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = np.random.default_rng(0).bytes(4096)
+    biggest.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match=r"step 12 in .* (is damaged|could not be read)"):
+        load_checkpoint(str(tmp_path))
