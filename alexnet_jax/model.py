@@ -40,6 +40,13 @@ PAPER_CONVS = (
     ConvSpec("conv4", 384, 3, 1, 1, True, False, False),
     ConvSpec("conv5", 256, 3, 1, 1, True, False, True),
 )
+# The paper's one-GPU comparison net (section 3.2 and its footnote): "half as many kernels in
+# each convolutional layer", except conv5, kept whole (as are the fully connected layers) so
+# that both nets have about the same number of parameters, on one tower.
+ONE_GPU_CONVS = tuple(
+    c if c.name == "conv5" else dataclasses.replace(c, features=c.features // 2, grouped=False)
+    for c in PAPER_CONVS
+)
 # Krizhevsky 2014 / torchvision: no LRN, one tower, conv1 padded by 2 for 224 inputs.
 OWT_CONVS = (
     ConvSpec("conv1", 64, 11, 4, 2, False, False, True),
@@ -49,7 +56,7 @@ OWT_CONVS = (
     ConvSpec("conv5", 256, 3, 1, 1, False, False, True),
 )
 FC_FEATURES = 4096
-VARIANTS = ("paper", "owt")
+VARIANTS = ("paper", "one_gpu", "owt")
 DTYPES = ("float32", "bfloat16")
 ACTIVATIONS = ("relu", "tanh")
 WEIGHT_INITS = ("paper", "he")
@@ -102,12 +109,12 @@ class AlexNet(nn.Module):
     field here (validated in `_check`) and one line in configs/alexnet.py.
     """
 
-    variant: str = "paper"  # 'paper' (2012) or 'owt' (Krizhevsky 2014, torchvision)
+    variant: str = "paper"  # 'paper' (2012), 'one_gpu' (its comparison net) or 'owt'
     num_classes: int = 1000
-    towers: int | None = None  # None: 2 for 'paper', 1 for 'owt'
+    towers: int | None = None  # None: 2 for 'paper', 1 for the others
     width: float = 1.0  # channel multiplier
     activation: str = "relu"  # 'relu' or 'tanh' (the paper's figure 1 ablation)
-    lrn: bool | None = None  # None: on for 'paper', off for 'owt'
+    lrn: bool | None = None  # None: off for 'owt', on for the others
     overlap_pool: bool = True  # 3x3 stride 2 windows (the paper) or 2x2 stride 2
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32  # compute dtype or its name; parameters stay float32
@@ -145,7 +152,7 @@ class AlexNet(nn.Module):
         need(self.towers in (None, 1, 2), f"model.towers={self.towers} must be 1 or 2.")
         need(
             self.variant == "paper" or self.num_towers == 1,
-            "model.variant='owt' has no towers: towers=1.",
+            f"model.variant={self.variant!r} has no towers: towers=1.",
         )
         need(self.width > 0, f"model.width={self.width} must be positive.")
         need(self.num_classes > 0, f"model.num_classes={self.num_classes} must be positive.")
@@ -187,11 +194,11 @@ class AlexNet(nn.Module):
 
     @property
     def use_lrn(self) -> bool:
-        return self.lrn if self.lrn is not None else self.variant == "paper"
+        return self.lrn if self.lrn is not None else self.variant != "owt"
 
     @property
     def convs(self) -> tuple[ConvSpec, ...]:
-        return PAPER_CONVS if self.variant == "paper" else OWT_CONVS
+        return {"paper": PAPER_CONVS, "one_gpu": ONE_GPU_CONVS, "owt": OWT_CONVS}[self.variant]
 
     @property
     def fc8_shards(self) -> int:
@@ -222,7 +229,7 @@ class AlexNet(nn.Module):
 
     def dropout_features(self, image_size: int) -> tuple[int, int]:
         """Global feature sizes of the two dropout masks (paper: fc6, fc7 outputs; owt: inputs)."""
-        if self.variant == "paper":
+        if self.variant != "owt":
             return (self.fc_features(), self.fc_features())
         h, w, c = self.feature_shapes(image_size)[-1][1]
         return (h * w * c, self.fc_features())

@@ -40,7 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Each key is a field of alexnet_jax.model.AlexNet, which checks it: a new option is one
     # line here and one field there.
     config.model = ml_collections.ConfigDict()
-    config.model.variant = "paper"  # 'paper' (2012) or 'owt' (Krizhevsky 2014, torchvision)
+    # 'paper' (2012); 'one_gpu': the paper's one-GPU comparison net (section 3.2: conv1-conv4
+    # at half their kernels, one tower; needs towers=1); 'owt' (Krizhevsky 2014, torchvision)
+    config.model.variant = "paper"
     config.model.num_classes = 1000
     config.model.towers = 2  # the paper's two GPU towers; 1 = the ungrouped model
     config.model.width = 1.0  # channel multiplier (channels per tower rounded to even)

@@ -34,6 +34,9 @@ PAPER_MAPS = {
         ({}, 227, 60_965_224),  # the paper's two-tower model
         ({"variant": "owt"}, 224, 61_100_840),  # torchvision's alexnet
         ({"towers": 1}, 227, 62_378_344),  # ungrouped paper widths: the "62.3 million"
+        # The paper's one-GPU comparison net: conv1-conv4 halved, conv5 and the fully connected
+        # layers whole ("approximately the same number of parameters", section 3.2).
+        ({"variant": "one_gpu", "towers": 1}, 227, 59_798_312),
     ],
 )
 def test_parameter_counts(kwargs, image_size, expected):
@@ -283,3 +286,16 @@ def test_tanh_activation_changes_the_function():
     relu = AlexNet(num_classes=10, width=0.25).apply({"params": params}, x)
     tanh = AlexNet(num_classes=10, width=0.25, activation="tanh").apply({"params": params}, x)
     assert not np.allclose(relu, tanh)
+
+
+def test_the_one_gpu_comparison_net_halves_conv1_to_conv4_only():
+    p = jax.eval_shape(lambda: init_params(AlexNet(variant="one_gpu", towers=1), 227))
+    kernels = {name: p[name]["kernel"].shape[-1] for name in p}
+    assert kernels == {
+        "conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 256,
+        "fc6": 4096, "fc7": 4096, "fc8": 1000,
+    }  # fmt: skip
+    assert p["conv2"]["kernel"].shape == (5, 5, 48, 128)  # one tower: every input channel
+    assert AlexNet(variant="one_gpu").use_lrn
+    with pytest.raises(UsageError, match="model.variant='one_gpu' has no towers: towers=1"):
+        AlexNet(variant="one_gpu", towers=2)

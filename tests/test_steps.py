@@ -205,3 +205,26 @@ def test_bfloat16_compute_follows_float32_over_the_first_steps(tiny):
     assert f32[-1] < f32[0]  # the steps move: the comparison can fail
     assert not np.array_equal(f32, bf16)  # bfloat16 did compute in lower precision
     np.testing.assert_allclose(bf16, f32, rtol=0.02)
+
+
+@pytest.mark.slow  # the full-size model, one step on the CPU
+def test_the_papers_one_gpu_comparison_net_takes_a_step():
+    from alexnet_jax.batch import Batch
+    from configs import alexnet
+
+    config = alexnet.get_config()
+    config.model.variant, config.model.towers = "one_gpu", 1
+    config.batch_size = config.optimizer.base_batch_size = 2
+    config.mesh.data = config.mesh.model = 1
+    trainer, mesh = _trainer(config)
+    rng = np.random.default_rng(0)
+    local = Batch(
+        images=rng.normal(0, 50, (2, 227, 227, 3)).astype(np.float32),
+        labels=np.array([3, 999], np.int32),
+    )
+    state = trainer.init_state(0)
+    before = jax.device_get(state.params["conv1"]["kernel"])
+    assert before.shape == (11, 11, 3, 48)
+    state, sums = trainer.train_step(state, parallel.global_batch(mesh, local, 2))
+    assert np.isfinite(float(sums["loss"])) and int(state.step) == 1
+    assert not np.array_equal(jax.device_get(state.params["conv1"]["kernel"]), before)
