@@ -105,6 +105,11 @@ def interval(diffs: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def _mean_sd(values: list[float]) -> list[float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
+
+
 def table(results: dict[tuple[str, int], dict | None], names: list[str], seeds: int) -> dict:
     """The claims' rows from the runs' last evaluations (None: not finished)."""
     rows = {}
@@ -123,8 +128,8 @@ def table(results: dict[tuple[str, int], dict | None], names: list[str], seeds: 
                 else:
                     holds = high >= paper if CLAIMS[name].at_least else low <= paper <= high
                 row[metric] = {
-                    "base": [float(np.mean(base)), float(np.std(base))],
-                    "ablated": [float(np.mean(ablated)), float(np.std(ablated))],
+                    "base": _mean_sd(base),
+                    "ablated": _mean_sd(ablated),
                     "difference": [mean, low, high],
                     "paper": paper,
                     "interval_holds_paper": holds,
@@ -135,8 +140,10 @@ def table(results: dict[tuple[str, int], dict | None], names: list[str], seeds: 
 
 def markdown(rows: dict, seeds: int) -> str:
     lines = [
-        f"Errors in %, mean ± standard deviation over {seeds} seed(s); difference = without the "
-        "feature minus with it (positive: the feature helps), with its 95% t-interval.",
+        f"Errors in %, mean ± sample standard deviation over {seeds} seed(s); difference = "
+        "without the feature minus with it, paired by seed (positive: the feature helps), with "
+        "its 95% t-interval; holds: the interval contains the paper's difference (for 'over', "
+        "reaches it).",
         "",
         "| claim | metric | with | without | difference [95% interval] | paper | holds |",
         "|---|---|---|---|---|---|---|",
