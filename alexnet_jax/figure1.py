@@ -178,7 +178,9 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str]) -> None:
     del argv
     from alexnet_jax import backend
+    from alexnet_jax.errors import quiet_libraries
 
+    quiet_libraries()
     backend.prepare_backend()
     out = Path(_OUT.value).expanduser()
     try:
