@@ -1,6 +1,7 @@
 """python -m alexnet_jax.figure1: the paper's Figure 1, ReLU against tanh in a small CNN.
 
-    python -m alexnet_jax.figure1 --out=DIR [--dataset=digits | --data_dir=FOLDER]
+    python -m alexnet_jax.figure1 --out=DIR [--dataset=digits | --data_dir=FOLDER |
+        --dataset=tfds:cifar10 [--data_dir=TFDS_DIR]]
         [--target=0.25] [--epochs=30] [--seeds=3] [--size=32]
 
 The paper (section 3.1, Figure 1): "A four-layer convolutional neural network with ReLUs (solid
@@ -55,11 +56,26 @@ class FourLayerNet(nn.Module):
 
 
 def load(dataset: str, data_dir: str | None, size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The training split as float images in [-1, 1] at size x size, labels, classes."""
+    """The training split as float images in [-1, 1] at size x size, labels, classes: a
+    dataset of sources.py, an image folder, or (`tfds:NAME`, e.g. tfds:cifar10, prepared in
+    data_dir or TFDS's default directory) any TFDS image classification dataset."""
     import ml_collections
     import tensorflow as tf
 
     from alexnet_jax import sources
+
+    if dataset.startswith("tfds:"):
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(dataset[len("tfds:") :], data_dir=data_dir)
+        split = builder.as_dataset(split="train", as_supervised=True)
+        images, labels = [], []
+        for image, label in split.as_numpy_iterator():
+            image = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image
+            images.append(tf.image.resize(image, [size, size]).numpy() / 127.5 - 1.0)
+            labels.append(int(label))
+        classes = builder.info.features["label"].num_classes
+        return np.stack(images).astype(np.float32), np.array(labels, np.int32), classes
 
     cfg = ml_collections.ConfigDict(
         {"dataset": dataset, "data_dir": data_dir, "train_split": "train",
@@ -186,7 +202,8 @@ def main(argv: list[str]) -> None:
     try:
         if not 0 < _TARGET.value < 1 or _EPOCHS.value < 1 or _SEEDS.value < 1:
             raise UsageError("--target in (0, 1), --epochs and --seeds at least 1.")
-        dataset = "imagefolder" if _DATA_DIR.value else _DATASET.value
+        folder = _DATA_DIR.value and not _DATASET.value.startswith("tfds:")
+        dataset = "imagefolder" if folder else _DATASET.value
         images, labels, classes = load(dataset, _DATA_DIR.value, _SIZE.value)
         rates = [float(r) for r in _RATES.value]
         result = figure1(images, labels, classes, _TARGET.value, _EPOCHS.value, _SEEDS.value,
@@ -205,8 +222,12 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _OUT = flags.DEFINE_string("out", None, "Where figure1.png and figure1.json go.")
-    _DATASET = flags.DEFINE_string("dataset", "digits", "A dataset of sources.py.")
-    _DATA_DIR = flags.DEFINE_string("data_dir", None, "An image folder (DIR/train/<class>/).")
+    _DATASET = flags.DEFINE_string(
+        "dataset", "digits", "A dataset of sources.py, or tfds:NAME (e.g. tfds:cifar10)."
+    )
+    _DATA_DIR = flags.DEFINE_string(
+        "data_dir", None, "An image folder (DIR/train/<class>/), or TFDS's data_dir for tfds:."
+    )
     _TARGET = flags.DEFINE_float("target", 0.25, "The training error to reach.")
     _EPOCHS = flags.DEFINE_integer("epochs", 30, "Epochs per run.")
     _SEEDS = flags.DEFINE_integer("seeds", 3, "Runs per nonlinearity.")

@@ -57,3 +57,13 @@ def test_the_command_draws_figure_1_on_the_digits(tmp_path):
         assert curves[0] != curves[1]  # the seeds differ
     assert (tmp_path / "figure1.png").stat().st_size > 0
     assert "epochs to 50% training error" in r.stdout
+
+
+def test_a_tfds_dataset_is_loaded_whole_at_the_size_asked():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        images, labels, classes = figure1.load("tfds:cifar10", None, 16)
+    assert images.shape == (12, 16, 16, 3) and images.dtype == np.float32
+    assert -1.0 <= images.min() < images.max() <= 1.0
+    assert classes == 10 and labels.shape == (12,) and labels.max() < 10
