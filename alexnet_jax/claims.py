@@ -238,7 +238,7 @@ def main(argv: list[str]) -> None:
     if config.num_train_steps <= 0:
         sys.exit("claims: error: give the runs a length: --config.num_train_steps=N")
     if _PRINT.value:
-        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        path = str(Path(config_flags.get_config_filename(flags.FLAGS["config"])).resolve())
         extra = [a for a in sys.argv[1:] if a.startswith("--config.")]
         for name, seed, fields in runs(names, _SEEDS.value):
             print(command(path, workdir / name / str(seed), seed, fields, extra))

@@ -170,11 +170,15 @@ def figure1(
     return out
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
+def plot(result: dict, path: Path) -> bool:
+    """The mean curves (ReLU solid, tanh dashed), if matplotlib is installed."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for activation, style in (("relu", "-"), ("tanh", "--")):
@@ -189,6 +193,7 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str]) -> None:
@@ -212,7 +217,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"figure1: error: {e}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "figure1.json").write_text(json.dumps({"dataset": dataset, **result}, indent=1))
-    plot(result, out / "figure1.png")
+    if not plot(result, out / "figure1.png"):
+        print('figure1.png not drawn: matplotlib is not installed (pip install -e ".[notebooks]")')
     for activation, r in result["activations"].items():
         print(f"{activation}: rate {r['rate']}, epochs to {result['target']:.0%} training error: "
               f"{r['epochs_to_target']}")  # fmt: skip

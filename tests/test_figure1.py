@@ -67,3 +67,10 @@ def test_a_tfds_dataset_is_loaded_whole_at_the_size_asked():
     assert images.shape == (12, 16, 16, 3) and images.dtype == np.float32
     assert -1.0 <= images.min() < images.max() <= 1.0
     assert classes == 10 and labels.shape == (12,) and labels.max() < 10
+
+
+def test_without_matplotlib_the_figure_is_left_out(tmp_path, monkeypatch):
+    result = {"target": 0.5, "activations": {a: {"curves": [[0.6, 0.4]]} for a in ("relu", "tanh")}}
+    assert figure1.plot(result, tmp_path / "a.png") and (tmp_path / "a.png").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    assert not figure1.plot(result, tmp_path / "b.png") and not (tmp_path / "b.png").exists()
