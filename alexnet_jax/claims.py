@@ -256,6 +256,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # configs/ importable from any directory, as for launch.py
     _CONFIG = config_flags.DEFINE_config_file("config", None, "The base config (configs/*.py).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.")
     _SEEDS = flags.DEFINE_integer("seeds", 3, "Runs per net.")

@@ -64,10 +64,22 @@ def test_the_claims_table_from_runs_over_seeds_read_back_when_finished(tmp_path,
 def test_print_commands_prints_launch_lines_that_run(tmp_path):
     flags = tiny_flags(num_train_steps=4, checkpoint_every_steps=4, eval_every_steps=4)
     out = subprocess.run(
-        [sys.executable, "-m", "alexnet_jax.claims", f"--config={REPO / 'configs/digits.py'}",
-         f"--workdir={tmp_path}", "--seeds=2", "--claims=towers", "--print_commands", *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.claims",
+            f"--config={REPO / 'configs/digits.py'}",
+            f"--workdir={tmp_path}",
+            "--seeds=2",
+            "--claims=towers",
+            "--print_commands",
+            *flags,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip  (from another directory: the configs are found all the same)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 4  # base and towers, two seeds each
