@@ -62,13 +62,7 @@ METRICS = ("eval/top1_error", "eval/top5_error")
 def variant(config: ml_collections.ConfigDict, fields: dict[str, Any], seed: int):
     """`config` with `fields` set and `seed`."""
     config = config.copy_and_resolve_references()
-    config.seed = seed
-    for key, value in fields.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict({**fields, "seed": seed})
     return config
 
 
